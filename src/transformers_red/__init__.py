@@ -1,0 +1,36 @@
+"""transformers_red: width-reducing distillation that keeps multi-step reasoning (RED, arXiv 2605.29327).
+
+Pipeline: calibrate -> initialise -> distil -> merge -> evaluate -> publish.
+"""
+
+from .calibrate import ActivationStats, collect_activation_stats, select_channels
+from .config import SUPPORTED_MODEL_TYPES, TARGET_MODULES_MAPPING, RedAdapterConfig
+from .erank import effective_rank, layerwise_effective_rank, projection_spectra, spectrum_effective_rank
+from .initialise import orthogonal_projection, random_projection, selection_matrix
+from .layer import RedEmbedding, RedLinear, RedRMSNorm
+from .merge import student_config
+from .model import RedModel, get_red_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationStats",
+    "RedAdapterConfig",
+    "RedEmbedding",
+    "RedLinear",
+    "RedModel",
+    "RedRMSNorm",
+    "SUPPORTED_MODEL_TYPES",
+    "TARGET_MODULES_MAPPING",
+    "collect_activation_stats",
+    "effective_rank",
+    "get_red_model",
+    "layerwise_effective_rank",
+    "orthogonal_projection",
+    "projection_spectra",
+    "random_projection",
+    "select_channels",
+    "selection_matrix",
+    "spectrum_effective_rank",
+    "student_config",
+]

@@ -1,0 +1,179 @@
+"""`RedAdapterConfig`: what to compress, to which width, and how to initialise the projections.
+
+Mirrors PEFT's adapter configs (a dataclass with `save_pretrained` / `from_pretrained` to JSON), so a
+compressed student can be rebuilt from its teacher and this file alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+CONFIG_NAME = "red_adapter_config.json"
+
+# Per-`model_type` defaults, like PEFT's `target_module_mapping`. Input-side modules read the residual
+# stream (W_S = W_T @ P); output-side modules write it (W_S = P^T @ W_T). Side is decided by name, not by
+# shape, because q_proj is square whenever heads x head_dim equals the hidden size.
+_LLAMA_LIKE = {
+    "input": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"],
+    "output": ["o_proj", "down_proj"],
+    "norms": ["input_layernorm", "post_attention_layernorm"],
+}
+TARGET_MODULES_MAPPING: dict[str, dict[str, list[str]]] = {
+    "llama": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+}
+SUPPORTED_MODEL_TYPES = tuple(TARGET_MODULES_MAPPING)
+
+# Groups tied by `share_projections=True` (the paper's "IO" sharing): one projection per group per layer.
+SHARED_GROUPS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+# Config keys that do not change the teacher's function or shapes and must not break the fingerprint.
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
+                         "output_hidden_states", "output_attentions", "return_dict", "_attn_implementation",
+                         "attn_implementation", "_attn_implementation_autoset", "architectures"}
+
+
+def teacher_config_fingerprint(config: Any) -> str:
+    """SHA-256 (first 16 hex digits) of the teacher config's shape-defining fields."""
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    data = {k: v for k, v in data.items() if k not in _VOLATILE_CONFIG_KEYS and not k.startswith("_")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class RedAdapterConfig:
+    """Configuration of a RED (or LRC) width-reduction adapter.
+
+    Give exactly one of `target_hidden_size` and `width_ratio`. With `init="activation"` the adapter needs
+    calibration data once; the chosen residual channels are then stored here (`channel_indices`).
+    """
+
+    target_hidden_size: int | None = field(
+        default=None, metadata={"help": "Student hidden (residual) width d_S. Exclusive with width_ratio."})
+    width_ratio: float | None = field(
+        default=None, metadata={"help": "d_S / d_T in (0, 1); d_S = round(ratio * d_T). Exclusive with "
+                                        "target_hidden_size."})
+    init: Literal["activation", "random", "orthogonal"] = field(
+        default="activation", metadata={"help": "'activation': RED channel selection from teacher activation "
+                                                "statistics; 'random': LRC's N(0, init_std); 'orthogonal': "
+                                                "random matrix with orthonormal columns."})
+    init_std: float = field(default=0.02, metadata={"help": "Standard deviation of init='random' (LRC: 0.02)."})
+    norm_init: Literal["teacher", "ones"] | None = field(
+        default=None, metadata={"help": "Student RMSNorm gains at init: 'teacher' = the teacher's gains on "
+                                        "the selected channels (step 0 equals the hard-pruned teacher); "
+                                        "'ones' = LRC. Default: 'teacher' for init='activation', else 'ones'."})
+    share_projections: bool = field(
+        default=False, metadata={"help": "Share one projection per layer for q/k/v and one for gate/up (the "
+                                         "paper's 'IO' sharing). Off: one projection per layer and module."})
+    target_modules: dict[str, list[str]] | None = field(
+        default=None, metadata={"help": "{'input': [...], 'output': [...], 'norms': [...]} module names inside "
+                                        "each decoder layer. Default: by model_type (TARGET_MODULES_MAPPING)."})
+    calibration_num_samples: int = field(
+        default=15, metadata={"help": "Number of calibration texts (paper: 15)."})
+    calibration_max_length: int = field(
+        default=2048, metadata={"help": "Tokens per calibration text at most (longer ones are truncated)."})
+    calibration_batch_size: int = field(default=4, metadata={"help": "Calibration batch size."})
+    calibration_seed: int | None = field(
+        default=None, metadata={"help": "None: take the first calibration_num_samples texts; an integer: "
+                                        "draw them at random with this seed."})
+    calibration_source: str | None = field(
+        default=None, metadata={"help": "Where the calibration texts came from (recorded for the model card)."})
+    seed: int = field(default=0, metadata={"help": "Seed of init='random' / 'orthogonal'."})
+    # Recorded by `get_red_model`; not meant to be set by hand.
+    model_type: str | None = field(default=None, metadata={"help": "Teacher model_type (recorded)."})
+    teacher_name_or_path: str | None = field(default=None, metadata={"help": "Teacher identity (recorded)."})
+    teacher_config_fingerprint: str | None = field(
+        default=None, metadata={"help": "Hash of the teacher config (recorded; checked on load)."})
+    teacher_hidden_size: int | None = field(default=None, metadata={"help": "Teacher width d_T (recorded)."})
+    channel_indices: list[int] | None = field(
+        default=None, metadata={"help": "Selected residual channels, sorted (recorded by init='activation')."})
+
+    def __post_init__(self) -> None:
+        if self.init not in ("activation", "random", "orthogonal"):
+            raise ValueError(f"init={self.init!r} is not supported; use 'activation' (RED), 'random' (LRC) "
+                             "or 'orthogonal'.")
+        if self.norm_init is None:
+            self.norm_init = "teacher" if self.init == "activation" else "ones"
+        if self.norm_init not in ("teacher", "ones"):
+            raise ValueError(f"norm_init={self.norm_init!r} is not supported; use 'teacher' or 'ones'.")
+        if (self.target_hidden_size is None) == (self.width_ratio is None):
+            raise ValueError("Give exactly one of target_hidden_size (e.g. 288) and width_ratio (e.g. 0.5).")
+        if self.target_hidden_size is not None and (not _is_int(self.target_hidden_size)
+                                                    or self.target_hidden_size <= 0):
+            raise ValueError(f"target_hidden_size must be a positive integer, got {self.target_hidden_size!r}; "
+                             "use width_ratio for a fraction of the teacher width.")
+        if self.width_ratio is not None and not (isinstance(self.width_ratio, (int, float))
+                                                 and 0.0 < float(self.width_ratio) < 1.0):
+            raise ValueError(f"width_ratio must be a number strictly between 0 and 1, got {self.width_ratio!r}.")
+        if self.init_std <= 0:
+            raise ValueError(f"init_std must be > 0, got {self.init_std}.")
+        for name in ("calibration_num_samples", "calibration_max_length", "calibration_batch_size"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.target_modules is not None:
+            missing = {"input", "output", "norms"} - set(self.target_modules)
+            if missing:
+                raise ValueError(f"target_modules needs the keys 'input', 'output' and 'norms'; missing {sorted(missing)}.")
+        if self.channel_indices is not None:
+            self.channel_indices = [int(i) for i in self.channel_indices]
+
+    def resolve_hidden_size(self, teacher_hidden_size: int) -> int:
+        """Return d_S for a teacher of width `teacher_hidden_size`, or raise if it is not a narrower width."""
+        if self.target_hidden_size is not None:
+            d_s = self.target_hidden_size
+        else:
+            d_s = int(round(self.width_ratio * teacher_hidden_size))
+        if not 0 < d_s < teacher_hidden_size:
+            raise ValueError(f"The student width must be between 1 and {teacher_hidden_size - 1} (the teacher's "
+                             f"hidden_size is {teacher_hidden_size}), got {d_s}. Choose a smaller "
+                             "target_hidden_size or a width_ratio in (0, 1).")
+        return d_s
+
+    def resolve_target_modules(self, model_type: str) -> dict[str, list[str]]:
+        if self.target_modules is not None:
+            return self.target_modules
+        if model_type not in TARGET_MODULES_MAPPING:
+            raise ValueError(f"model_type {model_type!r} is not supported by transformers_red; supported: "
+                             f"{', '.join(SUPPORTED_MODEL_TYPES)}. For a Llama-like architecture pass "
+                             "target_modules={'input': [...], 'output': [...], 'norms': [...]}.")
+        return TARGET_MODULES_MAPPING[model_type]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write `red_adapter_config.json` into `save_directory` (atomically)."""
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "RedAdapterConfig":
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No {CONFIG_NAME} in {directory!s}: is it a folder written by "
+                                    "RedModel.save_pretrained?")
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path} has unknown fields {sorted(unknown)}; was it written by a newer "
+                             "transformers_red?")
+        return cls(**data)

@@ -1,0 +1,286 @@
+"""`RedModel`: the frozen teacher with every residual-touching module wrapped, running the student.
+
+`get_red_model(teacher, config, calibration_data)` is the entry point (like PEFT's `get_peft_model`). The
+teacher is wrapped in place; `disable_adapter()` gives back its exact forward, `merge_and_unload()` returns
+a plain, smaller model of the teacher's class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .calibrate import collect_activation_stats, select_channels
+from .config import SHARED_GROUPS, RedAdapterConfig, teacher_config_fingerprint
+from .data import check_not_empty
+from .initialise import initial_norm_gain, initial_projection
+from .layer import RedEmbedding, RedLayer, RedLinear, RedRMSNorm, RedState
+
+WEIGHTS_NAME = "red_adapter_model.safetensors"
+
+
+def _store_key(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _teacher_dims(model: nn.Module) -> tuple[int, int]:
+    config = model.config
+    return config.hidden_size, config.num_hidden_layers
+
+
+class RedModel(nn.Module):
+    """A teacher wrapped so that its forward is the width-d_S student.
+
+    Trainable: one projection (d_T, d_S) per layer and targeted module (or per shared group), one for the
+    embedding and one for the LM head (the same one when embeddings are tied), and the student RMSNorm gains.
+    Everything of the teacher is frozen.
+    """
+
+    def __init__(self, model: nn.Module, config: RedAdapterConfig, channels: torch.Tensor | None):
+        super().__init__()
+        d_t, num_layers = _teacher_dims(model)
+        self.base_model = model
+        self.red_config = config
+        self.red_projections = nn.ParameterDict()
+        self.red_norms = nn.ParameterDict()
+        self._red_state = RedState()
+        self._channels = None if channels is None else torch.as_tensor(channels, dtype=torch.long)
+        self.teacher_hidden_size = d_t
+        self.student_hidden_size = config.resolve_hidden_size(d_t)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        generator = torch.Generator().manual_seed(config.seed)
+        targets = config.resolve_target_modules(model.config.model_type)
+        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        self._wrap("model.embed_tokens", RedEmbedding, self.red_projections, "model_embed_tokens", generator)
+        self._wrap("lm_head", RedLinear, self.red_projections,
+                   "model_embed_tokens" if tied else "lm_head", generator, side="input")
+        for i in range(num_layers):
+            prefix = f"model.layers.{i}"
+            for side in ("input", "output"):
+                for short in targets[side]:
+                    name = self._find(prefix, short)
+                    group = SHARED_GROUPS.get(short) if config.share_projections else None
+                    key = _store_key(f"{name.rpartition('.')[0]}.{group}" if group else name)
+                    self._wrap(name, RedLinear, self.red_projections, key, generator, side=side)
+            for short in targets["norms"]:
+                self._wrap(self._find(prefix, short), RedRMSNorm, self.red_norms, None, generator)
+        self._wrap("model.norm", RedRMSNorm, self.red_norms, None, generator)
+
+    # ----------------------------------------------------------------------------------------- building
+    def _find(self, prefix: str, short: str) -> str:
+        for name, _ in self.base_model.get_submodule(prefix).named_modules(prefix=prefix):
+            if name.rsplit(".", 1)[-1] == short:
+                return name
+        raise ValueError(f"No module {short!r} under {prefix} in this {type(self.base_model).__name__}; "
+                         "check target_modules.")
+
+    def _wrap(self, name: str, cls: type[RedLayer], store: nn.ParameterDict, key: str | None,
+              generator: torch.Generator, **kwargs: Any) -> None:
+        base = self.base_model.get_submodule(name)
+        key = key or _store_key(name)
+        if key not in store:
+            store[key] = nn.Parameter(self._initial_value(cls, base, generator))
+        _set_submodule(self.base_model, name, cls(base, name, key, store, self._red_state, **kwargs))
+
+    def _initial_value(self, cls: type[RedLayer], base: nn.Module, generator: torch.Generator) -> torch.Tensor:
+        weight = base.weight
+        if cls is RedRMSNorm:
+            value = initial_norm_gain(weight, self.red_config.norm_init, self._channels, self.student_hidden_size)
+        else:
+            value = initial_projection(self.red_config.init, self.teacher_hidden_size, self.student_hidden_size,
+                                       channels=self._channels, std=self.red_config.init_std,
+                                       generator=generator, dtype=weight.dtype)
+        return value.to(device=weight.device, dtype=weight.dtype)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The student forward (the teacher's under `disable_adapter()`); same signature as the teacher."""
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within this context the model computes the exact teacher forward (same weights, no copy)."""
+        previous = self._red_state.student
+        self._red_state.student = False
+        try:
+            yield
+        finally:
+            self._red_state.student = previous
+
+    @contextlib.contextmanager
+    def capture_activations(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Record every wrapped module's output during forwards in this context.
+
+        Yields a dict, filled by the forward: module name -> output tensor. Inner-width outputs (q, k, v, gate,
+        up pre-activations: (B, T, out)) compare directly between passes; attention and FFN outputs (o_proj,
+        down_proj) are (B, T, d_S) in the student pass and (B, T, d_T) in the teacher pass.
+        """
+        previous = self._red_state.capture
+        self._red_state.capture = {}
+        try:
+            yield self._red_state.capture
+        finally:
+            self._red_state.capture = previous
+
+    # ---------------------------------------------------------------------------------- introspection
+    def red_layers(self) -> Iterator[tuple[str, RedLayer]]:
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, RedLayer):
+                yield name, module
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Names (in the teacher) of every wrapped module."""
+        return [name for name, _ in self.red_layers()]
+
+    @property
+    def channel_indices(self) -> torch.Tensor | None:
+        """(d_S,) selected residual channels, or None when no calibration was run."""
+        return self._channels
+
+    def projection(self, module_name: str) -> nn.Parameter:
+        """The trainable projection (d_T, d_S) of a wrapped linear or embedding, by its teacher name."""
+        return self.base_model.get_submodule(module_name).trainable
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    # ---------------------------------------------------------------------------------------- merging
+    def merge_and_unload(self, progressbar: bool = False) -> nn.Module:
+        """Fold the projections into a plain model of the teacher's class with hidden_size = d_S.
+
+        The RedModel is left as it was (the teacher is not modified).
+        """
+        from .merge import build_merged_model
+
+        return build_merged_model(self, progressbar=progressbar)
+
+    def unload(self) -> nn.Module:
+        """Remove the wrappers and return the original teacher (this RedModel is unusable afterwards)."""
+        for name, module in list(self.red_layers()):
+            _set_submodule(self.base_model, name, module.base_layer)
+        return self.base_model
+
+    # ---------------------------------------------------------------------------------- persistence
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable state: projections and norm gains (one tensor per shared parameter)."""
+        return {f"{kind}.{key}": p.detach() for kind, store in (("projections", self.red_projections),
+                                                                  ("norms", self.red_norms))
+                for key, p in store.items()}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = self.adapter_state_dict()
+        if set(state) != set(expected):
+            missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+            raise ValueError(f"Adapter weights do not fit this RedModel: missing {missing[:5]}, unexpected "
+                             f"{unexpected[:5]} (was it saved with other share_projections/target_modules?).")
+        with torch.no_grad():
+            for name, value in state.items():
+                if value.shape != expected[name].shape:
+                    raise ValueError(f"Adapter weight {name} has shape {tuple(value.shape)}, expected "
+                                     f"{tuple(expected[name].shape)}.")
+                expected[name].copy_(value)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write `red_adapter_config.json` and `red_adapter_model.safetensors` (each atomically)."""
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, WEIGHTS_NAME)
+        state = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        save_file(state, path + ".tmp", metadata={"format": "pt", "library": "transformers_red"})
+        os.replace(path + ".tmp", path)
+        self.red_config.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, is_trainable: bool = True) -> "RedModel":
+        """Rebuild a RedModel from its teacher and a folder written by `save_pretrained`."""
+        config = RedAdapterConfig.from_pretrained(path)
+        weights = os.path.join(path, WEIGHTS_NAME)
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"No {WEIGHTS_NAME} in {path!s}.")
+        fingerprint = teacher_config_fingerprint(model.config)
+        if config.teacher_config_fingerprint not in (None, fingerprint):
+            raise ValueError(f"The adapter in {path!s} was made for another teacher ({config.teacher_name_or_path!r}, "
+                             f"config fingerprint {config.teacher_config_fingerprint}); this teacher's fingerprint "
+                             f"is {fingerprint}. Load it onto the teacher it was trained from.")
+        red = get_red_model(model, config)
+        red.load_adapter_state_dict(load_file(weights, device=str(next(model.parameters()).device)))
+        for p in red.trainable_parameters():
+            p.requires_grad_(is_trainable)
+        return red
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [*self.red_projections.values(), *self.red_norms.values()]
+
+
+def _check_teacher(model: nn.Module, config: RedAdapterConfig) -> None:
+    if isinstance(model, RedModel):
+        raise ValueError("This model is already a RedModel; pass the plain teacher (or call .unload()).")
+    if not hasattr(model, "config") or not hasattr(model.config, "model_type"):
+        raise TypeError(f"Expected a transformers PreTrainedModel, got {type(model).__name__}.")
+    config.resolve_target_modules(model.config.model_type)  # raises for unsupported types
+    config.resolve_hidden_size(model.config.hidden_size)
+
+
+def get_red_model(model: nn.Module, config: RedAdapterConfig, calibration_data: Any = None, tokenizer: Any = None,
+                  show_progress_bar: bool = True) -> RedModel:
+    """Wrap `model` (the teacher, modified in place) into a `RedModel` following `config`.
+
+    Args:
+        model: a causal LM of a supported architecture (Llama, Qwen2, Qwen3, Mistral).
+        config: the adapter configuration; a copy is recorded on the RedModel with the teacher's identity and
+            the selected channels.
+        calibration_data: list of strings, `datasets.Dataset`, or tokenised batches. Needed by
+            init="activation" and norm_init="teacher" unless `config.channel_indices` is already set.
+        tokenizer: the teacher's tokenizer, for text calibration data.
+    """
+    config = dataclasses.replace(config)
+    _check_teacher(model, config)
+    channels = config.channel_indices
+    needs_channels = config.init == "activation" or config.norm_init == "teacher"
+    if channels is None and needs_channels:
+        if calibration_data is None:
+            raise ValueError(f"init={config.init!r} with norm_init={config.norm_init!r} selects channels from "
+                             "teacher activations: pass calibration_data (e.g. 15 texts), or use "
+                             "init='random' with norm_init='ones'.")
+        check_not_empty(calibration_data)
+        stats = collect_activation_stats(model, calibration_data, tokenizer,
+                                         num_samples=config.calibration_num_samples,
+                                         max_length=config.calibration_max_length,
+                                         batch_size=config.calibration_batch_size, seed=config.calibration_seed,
+                                         show_progress_bar=show_progress_bar)
+        channels = select_channels(stats.scores, config.resolve_hidden_size(model.config.hidden_size)).tolist()
+        if config.calibration_source is None:
+            config.calibration_source = type(calibration_data).__name__
+    config.channel_indices = channels
+    config.model_type = model.config.model_type
+    config.teacher_name_or_path = config.teacher_name_or_path or getattr(model, "name_or_path", None) or None
+    config.teacher_config_fingerprint = teacher_config_fingerprint(model.config)
+    config.teacher_hidden_size = model.config.hidden_size
+    return RedModel(model, config, None if channels is None else torch.tensor(channels))
