@@ -47,6 +47,21 @@ def arch(request):
 
 
 @pytest.fixture(scope="session")
+def trained_teacher():
+    """A function returning a fresh copy of a tiny Llama teacher trained on English bytes (trained once)."""
+    from transformers_red.resources import tiny_trained_teacher
+
+    state = tiny_trained_teacher("llama").state_dict()
+
+    def load():
+        model = tiny_teacher("llama")
+        model.load_state_dict(state)
+        return model.eval()
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     return byte_tokenizer()
 

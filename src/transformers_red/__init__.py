@@ -3,18 +3,26 @@
 Pipeline: calibrate -> initialise -> distil -> merge -> evaluate -> publish.
 """
 
+from .callbacks import ERankCallback
 from .calibrate import ActivationStats, collect_activation_stats, select_channels
 from .config import SUPPORTED_MODEL_TYPES, TARGET_MODULES_MAPPING, RedAdapterConfig
 from .erank import effective_rank, layerwise_effective_rank, projection_spectra, spectrum_effective_rank
 from .initialise import orthogonal_projection, random_projection, selection_matrix
 from .layer import RedEmbedding, RedLinear, RedRMSNorm
 from .merge import student_config
+from .losses import generalized_jsd_loss
 from .model import RedModel, get_red_model
+from .red_config import RedConfig
+from .red_trainer import RedDistillationTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationStats",
+    "ERankCallback",
+    "RedConfig",
+    "RedDistillationTrainer",
+    "generalized_jsd_loss",
     "RedAdapterConfig",
     "RedEmbedding",
     "RedLinear",

@@ -1,0 +1,125 @@
+"""`RedConfig`: training arguments of `RedDistillationTrainer` (a `trl.SFTConfig` plus the distillation)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from trl import SFTConfig
+
+from .config import RedAdapterConfig
+
+CLONE_TERMS = ("q", "k", "v", "gate", "up", "attn", "ffn")
+# clone term -> wrapped module whose output it compares
+CLONE_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "gate": "gate_proj", "up": "up_proj",
+                 "attn": "o_proj", "ffn": "down_proj"}
+
+
+@dataclass
+class RedConfig(SFTConfig):
+    """Arguments of RED / LRC distillation, on top of every `trl.SFTConfig` / `TrainingArguments` field.
+
+    Differences from `SFTConfig` defaults: `learning_rate` 1e-4 (LRC), `activation_checkpointing` False (the
+    frozen teacher pass needs no activations; turn it on for large teachers), `bf16` only when a CUDA device
+    supports it.
+    """
+
+    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs", "red_adapter_config"]
+
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (LRC: 1e-4)."})
+    activation_checkpointing: bool | None = field(
+        default=False, metadata={"help": "Recompute student activations in backward to save memory."})
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5)."})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision; default: on when a CUDA device supports it."})
+
+    # Compression (a shortcut for the common RedAdapterConfig fields; `red_adapter_config` overrides them).
+    width_ratio: float | None = field(
+        default=0.5, metadata={"help": "Student width d_S / d_T (ignored when target_hidden_size is set)."})
+    target_hidden_size: int | None = field(default=None, metadata={"help": "Student hidden width d_S."})
+    init: str = field(default="activation", metadata={
+        "help": "Projection init: 'activation' (RED channel selection), 'random' (LRC), 'orthogonal'."})
+    norm_init: str | None = field(default=None, metadata={
+        "help": "Student norm gains: 'teacher' (RED default) or 'ones' (LRC; default for random inits)."})
+    calibration_num_samples: int = field(default=15, metadata={"help": "Calibration texts (paper: 15)."})
+    red_adapter_config: dict[str, Any] | str | None = field(default=None, metadata={
+        "help": "Full RedAdapterConfig as a dict (or JSON string on the CLI); overrides the shortcut fields."})
+
+    # Teacher
+    teacher_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Teacher to load when the trainer is given no model (local folder; safetensors only)."})
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(default=None, metadata={
+        "help": "Keyword arguments of AutoModelForCausalLM.from_pretrained for the teacher (e.g. dtype)."})
+
+    # Loss
+    temperature: float = field(default=1.0, metadata={
+        "help": "Distillation temperature tau. RED requires 1; LRC used 40."})
+    beta: float = field(default=0.0, metadata={
+        "help": "Generalised JSD interpolation: 0 = forward KL (paper), 0.5 = JSD, 1 = reverse KL."})
+    ce_weight: float = field(default=1.0, metadata={"help": "Weight of the student's next-token cross entropy."})
+    kd_weight: float = field(default=1.0, metadata={"help": "Weight of the logit divergence."})
+    clone_weight: float = field(default=0.2, metadata={
+        "help": "alpha, weight of the activation clone MSE (LRC: 0.2 for Llama, 0.5 for Qwen)."})
+    clone_terms: list[str] = field(default_factory=lambda: list(CLONE_TERMS), metadata={
+        "help": "Clone terms: q, k, v, gate, up (pre-activations), attn, ffn (module outputs)."})
+    clone_output_space: str = field(default="student", metadata={
+        "help": "Where attn/ffn outputs are compared: 'student' (paper: teacher output x its P) or 'teacher' "
+                "(LRC's code: student output lifted by P^T)."})
+    loss_chunk_size: int = field(default=1024, metadata={
+        "help": "Tokens per chunk of the logit losses (bounds float32 (chunk, V) temporaries)."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the teacher and student."})
+
+    # eRank monitoring
+    erank_steps: int = field(default=0, metadata={
+        "help": "Measure per-layer eRank of the student every N steps (0: off)."})
+    erank_num_samples: int = field(default=8, metadata={"help": "Held-out texts for the eRank measurement."})
+    erank_collapse_ratio: float = field(default=0.5, metadata={
+        "help": "Warn when the student's mean eRank falls below this fraction of the teacher's."})
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None:
+            self.bf16 = (not self.fp16) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        super().__post_init__()
+        if isinstance(self.clone_terms, str):
+            self.clone_terms = [t for t in self.clone_terms.replace(",", " ").split() if t]
+        problems = []
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.beta <= 1:
+            problems.append(f"beta must be in [0, 1] (0 forward KL, 0.5 JSD, 1 reverse KL), got {self.beta}")
+        for name in ("ce_weight", "kd_weight", "clone_weight"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.ce_weight == self.kd_weight == 0 and (self.clone_weight == 0 or not self.clone_terms):
+            problems.append("every loss weight is zero (ce_weight, kd_weight, clone_weight): nothing to train")
+        unknown = set(self.clone_terms) - set(CLONE_TERMS)
+        if unknown:
+            problems.append(f"unknown clone_terms {sorted(unknown)}; choose from {list(CLONE_TERMS)}")
+        if self.clone_output_space not in ("student", "teacher"):
+            problems.append(f"clone_output_space must be 'student' or 'teacher', got {self.clone_output_space!r}")
+        if self.loss_chunk_size <= 0:
+            problems.append(f"loss_chunk_size must be > 0, got {self.loss_chunk_size}")
+        if self.erank_steps < 0 or self.erank_num_samples <= 0:
+            problems.append("erank_steps must be >= 0 and erank_num_samples > 0")
+        if problems:
+            raise ValueError("Invalid RedConfig: " + "; ".join(problems) + ".")
+        self.adapter_config()  # validates the width and init now, not after the teacher has loaded
+
+    def adapter_config(self) -> RedAdapterConfig:
+        """The `RedAdapterConfig` these arguments describe."""
+        fields = {"init": self.init, "norm_init": self.norm_init, "calibration_num_samples":
+                  self.calibration_num_samples, "seed": self.seed}
+        if self.target_hidden_size is not None:
+            fields["target_hidden_size"] = self.target_hidden_size
+        else:
+            fields["width_ratio"] = self.width_ratio
+        overrides = self.red_adapter_config or {}
+        if isinstance(overrides, RedAdapterConfig):
+            overrides = dataclasses.asdict(overrides)
+        if "target_hidden_size" in overrides or "width_ratio" in overrides:
+            fields.pop("target_hidden_size", None)
+            fields.pop("width_ratio", None)
+        return RedAdapterConfig(**{**fields, **overrides})

@@ -1,0 +1,375 @@
+"""`RedDistillationTrainer`: distil a width-reduced student from its teacher (LRC loss, RED init), on TRL.
+
+The trainer wraps the teacher with the RED adapter (calibrating on a few texts), then trains only the
+projections and student norm gains with CE + KL/JSD at temperature + alpha x clone MSE, all per token and
+normalised by `num_items_in_batch`. The teacher pass is the same object under `disable_adapter()`, so one copy
+of the teacher's weights is in memory. Checkpoints hold the adapter state; `save_model()` writes the merged,
+plain student.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import textwrap
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTTrainer
+from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer.utils import disable_dropout_in_model
+
+from .callbacks import ERankCallback
+from .config import CONFIG_NAME
+from .losses import IGNORE_INDEX, generalized_jsd_loss, logit_loss_sums, masked_mse_sum, shift_labels
+from .model import WEIGHTS_NAME, RedModel, get_red_model
+from .red_config import CLONE_MODULES, RedConfig
+
+RED_CONFIG_FILE = "red_config.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def load_teacher(name_or_path: str, init_kwargs: dict[str, Any] | None = None) -> Any:
+    """Load a teacher with safetensors weights only and no remote code, with a clear error offline."""
+    kwargs = {"use_safetensors": True, "trust_remote_code": False, **(init_kwargs or {})}
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"Cannot load the teacher {name_or_path!r}: {err}\nGive a local folder with a config and "
+                         "safetensors weights (this machine may be offline: HF_HUB_OFFLINE), or pass the loaded "
+                         "model.") from err
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` folder that holds a finished RED checkpoint, or None."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(output_dir)
+                   if (m := _CHECKPOINT_RE.match(name)) and os.path.isfile(os.path.join(output_dir, name, WEIGHTS_NAME)))
+    return os.path.join(output_dir, steps[-1][1]) if steps else None
+
+
+class RedDistillationTrainer(SFTTrainer):
+    """Distil a RED (or LRC) student from a teacher on a text dataset.
+
+    Args:
+        model: the teacher (`PreTrainedModel` or a local path), or an already built `RedModel`. None: load
+            `args.teacher_model_name_or_path`.
+        args: a `RedConfig`.
+        train_dataset: a `datasets.Dataset` with a `args.dataset_text_field` column (or anything `SFTTrainer`
+            accepts).
+        teacher_model: optional separate teacher (model or path) for the teacher pass; by default the teacher
+            pass runs the same weights under `disable_adapter()`.
+        calibration_dataset: texts for the activation statistics; default the first
+            `args.calibration_num_samples` texts of `train_dataset`.
+        erank_dataset: held-out texts for `ERankCallback` (when `args.erank_steps > 0`); default: `eval_dataset`,
+            else the built-in Python documentation texts.
+    """
+
+    _tag_names = ["trl", "transformers_red", "red", "distillation", "width-pruning"]
+    _name = "RED"
+    _paper = {
+        "title": "RED (arXiv:2605.29327)",
+        "id": "2605.29327",
+        "citation": textwrap.dedent("""\
+            @misc{red2605.29327,
+                howpublished = {arXiv:2605.29327},
+                note         = {RED: activation-aware channel-selection initialisation for width-reducing distillation}
+            }"""),
+    }
+    loss_is_scaled_for_ga = True
+    generalized_jsd_loss = staticmethod(generalized_jsd_loss)
+
+    def __init__(self, model: Any = None, args: RedConfig | None = None, train_dataset: Any = None,
+                 eval_dataset: Any = None, processing_class: Any = None, teacher_model: Any = None,
+                 calibration_dataset: Any = None, erank_dataset: Any = None, callbacks: list | None = None,
+                 **kwargs: Any):
+        args = args if args is not None else RedConfig(output_dir="red-student")
+        if not isinstance(args, RedConfig):
+            raise TypeError(f"args must be a RedConfig, got {type(args).__name__}.")
+        self._check_dataset(train_dataset, args, "train_dataset")
+        name = model if isinstance(model, str) else args.teacher_model_name_or_path if model is None else None
+        if model is None and name is None:
+            raise ValueError("Give the teacher: RedDistillationTrainer(model=teacher_or_path, ...) or "
+                             "RedConfig(teacher_model_name_or_path=...).")
+        if name is not None:
+            model = load_teacher(name, args.teacher_model_init_kwargs)
+        if processing_class is None:
+            source = name or getattr(model, "name_or_path", None)
+            if not source:
+                raise ValueError("Pass processing_class (the teacher's tokenizer).")
+            processing_class = AutoTokenizer.from_pretrained(source)
+        if isinstance(teacher_model, str):
+            teacher_model = load_teacher(teacher_model, args.teacher_model_init_kwargs)
+        if not isinstance(model, RedModel):
+            model = self._build_red_model(model, args, name, train_dataset, calibration_dataset, processing_class)
+        if teacher_model is not None:
+            student_vocab = model.config.get_text_config().vocab_size
+            teacher_vocab = teacher_model.config.get_text_config().vocab_size
+            if student_vocab != teacher_vocab:
+                raise ValueError(f"The student has vocab_size {student_vocab} but the teacher has {teacher_vocab}: "
+                                 "the KL compares full next-token distributions and needs a shared vocabulary.")
+        if args.disable_dropout:
+            disable_dropout_in_model(model)
+            if teacher_model is not None:
+                disable_dropout_in_model(teacher_model)
+        self._erank_callback = None
+        if args.erank_steps > 0:
+            texts = self._erank_texts(erank_dataset if erank_dataset is not None else eval_dataset, args)
+            self._erank_callback = ERankCallback(texts, processing_class, args.erank_steps, args.erank_collapse_ratio,
+                                                 max_length=args.max_length or 256)
+            callbacks = [*(callbacks or []), self._erank_callback]
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, callbacks=callbacks, **kwargs)
+        self.model_accepts_loss_kwargs = True  # so Trainer counts num_items_in_batch for our loss
+        if self._erank_callback is not None:
+            self._erank_callback.trainer = self
+        self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
+        self._clone_modules = {term: [n for n in self.red_model.targeted_module_names
+                                      if n.rsplit(".", 1)[-1] == CLONE_MODULES[term]]
+                               for term in args.clone_terms} if args.clone_weight > 0 else {}
+
+    # ---------------------------------------------------------------------------------------- setup
+    @staticmethod
+    def _check_dataset(dataset: Any, args: RedConfig, what: str) -> None:
+        if dataset is None:
+            raise ValueError(f"{what} is required.")
+        if hasattr(dataset, "__len__") and len(dataset) == 0:
+            raise ValueError(f"{what} is empty: give at least one text.")
+        columns = getattr(dataset, "column_names", None)
+        usable = {args.dataset_text_field, "input_ids", "messages", "prompt", "completion"}
+        if columns is not None and not usable & set(columns):
+            raise ValueError(f"{what} has no {args.dataset_text_field!r} column (columns: {columns}). Rename the "
+                             "text column or set RedConfig(dataset_text_field=...).")
+
+    @staticmethod
+    def _texts(dataset: Any, args: RedConfig, count: int) -> list[str]:
+        column = args.dataset_text_field
+        rows = dataset.select(range(min(count, len(dataset)))) if hasattr(dataset, "select") else dataset[:count]
+        return [row[column] if isinstance(row, dict) else row for row in rows]
+
+    def _build_red_model(self, teacher: Any, args: RedConfig, name: str | None, train_dataset: Any,
+                         calibration_dataset: Any, tokenizer: Any) -> RedModel:
+        config = args.adapter_config()
+        config.teacher_name_or_path = config.teacher_name_or_path or name or getattr(teacher, "name_or_path", None)
+        needs_channels = config.init == "activation" or config.norm_init == "teacher"
+        calibration = None
+        if needs_channels and config.channel_indices is None:
+            if calibration_dataset is None:
+                calibration = self._texts(train_dataset, args, config.calibration_num_samples)
+                config.calibration_source = f"first {len(calibration)} texts of train_dataset"
+            else:
+                calibration = calibration_dataset
+                config.calibration_source = config.calibration_source or "calibration_dataset"
+        return get_red_model(teacher, config, calibration, tokenizer)
+
+    def _erank_texts(self, dataset: Any, args: RedConfig) -> list[str]:
+        if dataset is not None and not isinstance(dataset, dict):
+            if isinstance(dataset, list):
+                return dataset[: args.erank_num_samples]
+            return self._texts(dataset, args, args.erank_num_samples)
+        from .resources import builtin_texts
+
+        return builtin_texts()[-args.erank_num_samples:]
+
+    def _prepare_teacher(self, teacher: Any) -> Any:
+        """Prepare a separate teacher as TRL does: DeepSpeed / FSDP engines, else evaluation-mode placement."""
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(teacher, self.accelerator)
+        if self.is_fsdp_enabled:
+            return prepare_fsdp(teacher, self.accelerator)
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    @property
+    def red_model(self) -> RedModel:
+        """The `RedModel` being trained (unwrapped from any accelerate wrapper)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not isinstance(model, RedModel):
+            raise TypeError(f"Expected the trainer's model to be a RedModel, got {type(model).__name__}.")
+        return model
+
+    # ----------------------------------------------------------------------------------------- loss
+    @contextlib.contextmanager
+    def _teacher_pass(self):
+        """Yields (callable, captured activations) for the frozen teacher forward, without gradients."""
+        red = self.red_model
+        with torch.no_grad():
+            if self.teacher_model is None:
+                with red.disable_adapter(), red.capture_activations() as acts:
+                    yield self.model, acts
+            else:
+                acts: dict[str, torch.Tensor] = {}
+                names = {n for group in self._clone_modules.values() for n in group}
+                hooks = [self.accelerator.unwrap_model(self.teacher_model).get_submodule(n).register_forward_hook(
+                    lambda _m, _i, out, n=n: acts.__setitem__(n, out)) for n in names]
+                try:
+                    yield self.teacher_model, acts
+                finally:
+                    for h in hooks:
+                        h.remove()
+
+    def _clone_sums(self, student: dict, teacher: dict, token_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per clone term, the sum over layers of the masked per-token MSE."""
+        red, sums = self.red_model, {}
+        for term, names in self._clone_modules.items():
+            total = token_mask.new_zeros((), dtype=torch.float32)
+            for name in names:
+                s, t = student[name], teacher[name]
+                if term in ("attn", "ffn"):  # residual-space outputs: bring both to one space through P
+                    proj = red.projection(name)
+                    if self.args.clone_output_space == "student":
+                        t = t.to(proj.dtype) @ proj
+                    else:
+                        s = s @ proj.T
+                total = total + masked_mse_sum(s, t, token_mask)
+            sums[term] = total
+        return sums
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """CE + KL/JSD at temperature + alpha x clone MSE, summed over trained tokens / num_items_in_batch."""
+        mode = "train" if self.model.training else "eval"
+        args = self.args
+        labels = inputs["labels"]
+        forward_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+        with self._teacher_pass() as (teacher, teacher_acts):
+            teacher_logits = teacher(**forward_inputs, use_cache=False).logits
+        capture = self.red_model.capture_activations() if self._clone_modules else contextlib.nullcontext({})
+        with capture as student_acts:
+            outputs = model(**forward_inputs, use_cache=False)
+        kd, ce, teacher_ce = logit_loss_sums(outputs.logits, teacher_logits, labels, beta=args.beta,
+                                             temperature=args.temperature, chunk_size=args.loss_chunk_size)
+        token_mask = shift_labels(labels) != IGNORE_INDEX
+        clone = self._clone_sums(student_acts, teacher_acts, token_mask)
+        clone_total = sum(clone.values()) if clone else ce.new_zeros(())
+        local_tokens = token_mask.sum().clamp_min(1)
+        denominator = local_tokens if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).to(ce)
+        loss = (args.ce_weight * ce + args.kd_weight * kd + args.clone_weight * clone_total) / denominator
+        if args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        if not torch.isfinite(loss):
+            last = last_complete_checkpoint(args.output_dir)
+            raise FloatingPointError(
+                f"Non-finite distillation loss ({loss.item()}) at step {self.state.global_step + 1}: ce={ce.item()}, "
+                f"kd={kd.item()}, clone={float(clone_total)}. The last good checkpoint is "
+                f"{last or 'none (nothing was saved yet)'}; lower the learning rate or check the data, then resume "
+                "with train(resume_from_checkpoint=True).")
+        self._log_components(mode, local_tokens, ce, kd, teacher_ce, clone, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _log_components(self, mode: str, tokens: torch.Tensor, ce, kd, teacher_ce, clone: dict, inputs) -> None:
+        gather = self.accelerator.gather_for_metrics
+        n = gather(tokens.detach().reshape(1)).sum().clamp_min(1)
+        values = {"ce_loss": ce, "kd_loss": kd, "teacher_ce_loss": teacher_ce,
+                  **({"clone_loss": sum(clone.values())} if clone else {}),
+                  **{f"clone/{term}": value for term, value in clone.items()}}
+        for key, value in values.items():
+            self._metrics[mode][key].append((gather(value.detach().reshape(1)).sum() / n).item())
+        if mode == "train" and "attention_mask" in inputs:
+            self._total_train_tokens += int(gather(inputs["attention_mask"].sum().reshape(1)).sum())
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def _get_output_dir(self, trial):
+        staging = getattr(self, "_staging_dir", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        """Write the checkpoint into a staging folder, then rename it: a crash never leaves a half checkpoint."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        self._staging_dir = os.path.join(run_dir, f".staging-{name}")
+        shutil.rmtree(self._staging_dir, ignore_errors=True)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            staging, self._staging_dir = self._staging_dir, None
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            for attr in ("best_model_checkpoint",):
+                value = getattr(self.state, attr)
+                if value and value.startswith(staging):
+                    setattr(self.state, attr, final + value[len(os.path.join(staging, name)):])
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoint: the adapter state (projections, norm gains, config with the selected channels)."""
+        output_dir = output_dir or self.args.output_dir
+        self.red_model.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        if self._erank_callback is not None:
+            self._erank_callback.write(output_dir)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints (`_internal_call`) keep the adapter state; otherwise write the merged, plain student."""
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call=True)
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            self.export_student(output_dir)
+
+    def export_student(self, output_dir: str) -> Any:
+        """Merge and write a plain student (safetensors, config, generation config, tokenizer) plus
+        `red_config.json` and `erank.json`. Files are written to a staging folder first and moved in last."""
+        os.makedirs(output_dir, exist_ok=True)
+        staging = os.path.join(output_dir, ".staging-student")
+        shutil.rmtree(staging, ignore_errors=True)
+        student = self.red_model.merge_and_unload(progressbar=False)
+        student.save_pretrained(staging)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(staging)
+        with open(os.path.join(staging, RED_CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(self.red_summary(), f, indent=2)
+        if self._erank_callback is not None and self._erank_callback.teacher is not None:
+            self._erank_callback.write(staging)
+        names = sorted(os.listdir(staging), key=lambda n: n == "config.json")  # config.json last
+        for name in names:
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        os.rmdir(staging)
+        return student
+
+    def red_summary(self) -> dict[str, Any]:
+        """What the saved student's `red_config.json` records: adapter, loss and training amount."""
+        red, args = self.red_model, self.args
+        keys = ("temperature", "beta", "ce_weight", "kd_weight", "clone_weight", "clone_terms",
+                "clone_output_space", "learning_rate", "max_length", "seed")
+        return {"adapter": red.red_config.to_dict(), "distillation": {k: getattr(args, k) for k in keys},
+                "global_step": self.state.global_step, "tokens_trained": self._total_train_tokens,
+                "teacher_hidden_size": red.teacher_hidden_size, "student_hidden_size": red.student_hidden_size}
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint in {self.args.output_dir} to resume from.")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """Restore the adapter state (optimizer, scheduler and RNG are restored by Trainer)."""
+        weights = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
+        if not os.path.isfile(weights) or not os.path.isfile(os.path.join(resume_from_checkpoint, CONFIG_NAME)):
+            raise ValueError(f"{resume_from_checkpoint} is not a complete RED checkpoint (no {WEIGHTS_NAME}).")
+        red = self.red_model
+        with open(os.path.join(resume_from_checkpoint, CONFIG_NAME), encoding="utf-8") as f:
+            saved_channels = json.load(f).get("channel_indices")
+        if saved_channels != red.red_config.channel_indices:
+            raise ValueError(f"{resume_from_checkpoint} was trained with other selected channels than this "
+                             "trainer's student; resume with the same teacher, calibration data and config.")
+        red.load_adapter_state_dict(load_file(weights, device=str(next(red.parameters()).device)))
+        if self._erank_callback is not None:
+            self._erank_callback.load(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if self.state.best_model_checkpoint:
+            self._load_from_checkpoint(self.state.best_model_checkpoint)

@@ -1,0 +1,196 @@
+"""RedDistillationTrainer: loss arithmetic, gradient accumulation, learning, resume, memory, saving."""
+
+import gc
+import json
+import math
+import os
+
+import datasets
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from transformers_red import RedConfig, RedDistillationTrainer
+from transformers_red.losses import logit_loss_sums
+from transformers_red.resources import builtin_texts, tiny_teacher
+
+
+@pytest.fixture(scope="module")
+def train_texts():
+    return datasets.Dataset.from_dict({"text": builtin_texts(96)})
+
+
+def make_args(tmp_path, **kwargs):
+    defaults = dict(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4, max_length=48,
+                    logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, learning_rate=1e-2,
+                    calibration_num_samples=8, disable_tqdm=True)
+    return RedConfig(**{**defaults, **kwargs})
+
+
+@pytest.fixture
+def teacher(trained_teacher):
+    return trained_teacher()
+
+
+def make_trainer(tmp_path, dataset, tokenizer, teacher, **kwargs):
+    return RedDistillationTrainer(model=teacher,
+                                  args=make_args(tmp_path, **kwargs), train_dataset=dataset,
+                                  processing_class=tokenizer)
+
+
+def losses(trainer, key="loss"):
+    return [h[key] for h in trainer.state.log_history if key in h and "train_runtime" not in h]
+
+
+# ------------------------------------------------------------------------------------------ loss arithmetic
+def test_logit_losses_against_hand_computation():
+    # batch 1, 3 positions (2 predicting tokens), vocabulary 3; the second label is ignored.
+    s = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.0], [9.0, 9.0, 9.0]]])
+    t = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [9.0, 9.0, 9.0]]])
+    labels = torch.tensor([[5, 2, -100]])  # position 0 predicts 2, position 1 predicts -100 (ignored)
+
+    def probs(x, tau):
+        e = [math.exp(v / tau) for v in x]
+        return [v / sum(e) for v in e]
+
+    def kl(p, q):
+        return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+    for tau in (1.0, 2.0):
+        ps, pt = probs(s[0, 0].tolist(), tau), probs(t[0, 0].tolist(), tau)
+        m = [0.5 * a + 0.5 * b for a, b in zip(ps, pt)]
+        expected = {0.0: kl(pt, ps), 1.0: kl(ps, pt), 0.5: 0.5 * kl(pt, m) + 0.5 * kl(ps, m)}
+        for beta, value in expected.items():
+            kd, ce, tce = logit_loss_sums(s, t, labels, beta=beta, temperature=tau, chunk_size=1)
+            assert kd.item() == pytest.approx(value, rel=1e-5, abs=1e-7), (beta, tau)
+    assert ce.item() == pytest.approx(-math.log(probs(s[0, 0].tolist(), 1.0)[2]), rel=1e-6)
+    assert tce.item() == pytest.approx(-math.log(probs(t[0, 0].tolist(), 1.0)[2]), rel=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+def test_generalized_jsd_loss_matches_gkd(beta, reduction):
+    gkd = pytest.importorskip("trl.experimental.gkd").GKDTrainer
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen)
+    labels = torch.tensor([[1, 2, -100, 3, 4], [-100, 5, 6, 7, -100]])
+    ours = RedDistillationTrainer.generalized_jsd_loss(s, t, labels, beta=beta, temperature=2.0,
+                                                       reduction=reduction, chunk_size=3)
+    theirs = gkd.generalized_jsd_loss(s, t, labels, beta=beta, temperature=2.0, reduction=reduction)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    ours = RedDistillationTrainer.generalized_jsd_loss(s, t, labels, beta=beta, num_items_in_batch=4)
+    theirs = gkd.generalized_jsd_loss(s, t, labels, beta=beta, num_items_in_batch=4)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_chunking_does_not_change_losses_or_gradients():
+    gen = torch.Generator().manual_seed(1)
+    s = torch.randn(2, 7, 13, generator=gen, requires_grad=True)
+    t = torch.randn(2, 7, 13, generator=gen)
+    labels = torch.randint(0, 13, (2, 7), generator=gen)
+    labels[0, 3] = -100
+    grads = []
+    for chunk in (1, 4, 1000):
+        total = logit_loss_sums(s, t, labels, beta=0.5, chunk_size=chunk)
+        (g,) = torch.autograd.grad(total[:2].sum(), s)
+        grads.append((total.detach(), g))
+    for total, g in grads[1:]:
+        torch.testing.assert_close(total, grads[0][0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(g, grads[0][1], rtol=1e-6, atol=1e-7)
+
+
+# -------------------------------------------------------------------------------------------- training
+def test_gradient_accumulation_1x8_equals_8x1(tmp_path, train_texts, tokenizer, trained_teacher):
+    runs = {}
+    for batch, accumulation in ((8, 1), (1, 8)):
+        trainer = make_trainer(tmp_path / f"{batch}x{accumulation}", train_texts, tokenizer, trained_teacher(), max_steps=1,
+                               per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                               optim="sgd", learning_rate=0.5, shuffle_dataset=False)
+        initial = {k: v.clone() for k, v in trainer.red_model.adapter_state_dict().items()}
+        trainer.train()
+        runs[batch] = (losses(trainer)[0], {k: v.detach().clone() for k, v in
+                                            trainer.red_model.adapter_state_dict().items()})
+    (loss_a, state_a), (loss_b, state_b) = runs[8], runs[1]
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for key in state_a:  # tolerance: float32 sums in another order (padding differs between the two)
+        torch.testing.assert_close(state_a[key], state_b[key], rtol=1e-5, atol=1e-6)
+    assert all(not torch.equal(state_a[k], initial[k]) for k in state_a), "the step changed nothing"
+
+
+def test_training_lowers_losses_and_activation_beats_random_at_step_one(tmp_path, train_texts, tokenizer, trained_teacher):
+    red = make_trainer(tmp_path / "red", train_texts, tokenizer, trained_teacher(), max_steps=30)
+    red.train()
+    for key in ("loss", "kd_loss", "clone_loss"):
+        values = losses(red, key)
+        assert len(values) == 30
+        first, last = sum(values[:5]) / 5, sum(values[-5:]) / 5
+        assert last < first, f"{key} did not decrease: {first:.4f} -> {last:.4f}"
+    rand = make_trainer(tmp_path / "lrc", train_texts, tokenizer, trained_teacher(), max_steps=1, init="random")
+    rand.train()
+    red_kd, random_kd = losses(red, "kd_loss")[0], losses(rand, "kd_loss")[0]
+    print(f"first-step KD: activation {red_kd:.4f}, random {random_kd:.4f}")
+    assert red_kd < random_kd
+
+
+class StopAt(TrainerCallback):
+    """Simulates a crash right after the checkpoint of `step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resume_continues_exactly(tmp_path, train_texts, tokenizer, trained_teacher):
+    common = dict(max_steps=10, save_strategy="steps", save_steps=5, erank_steps=5, erank_num_samples=2)
+    straight = make_trainer(tmp_path / "straight", train_texts, tokenizer, trained_teacher(), **common)
+    straight.train()
+    first = make_trainer(tmp_path / "resumed", train_texts, tokenizer, trained_teacher(), **common)
+    first.add_callback(StopAt(5))
+    first.train()
+    assert os.path.isdir(tmp_path / "resumed" / "out" / "checkpoint-5")
+    assert not any(n.startswith(".staging") for n in os.listdir(tmp_path / "resumed" / "out"))
+    second = make_trainer(tmp_path / "resumed", train_texts, tokenizer, trained_teacher(), **common)
+    second.train(resume_from_checkpoint=True)
+    for key, value in straight.red_model.adapter_state_dict().items():
+        torch.testing.assert_close(second.red_model.adapter_state_dict()[key], value, rtol=0, atol=1e-6)
+    assert losses(first) == pytest.approx(losses(straight)[:5], rel=1e-6)
+    assert len(losses(second)) == 10  # the first five come back with the checkpoint's trainer state
+    assert losses(second)[5:] == pytest.approx(losses(straight)[5:], rel=1e-6)
+    with open(tmp_path / "resumed" / "out" / "checkpoint-10" / "erank.json") as f:
+        assert [h["step"] for h in json.load(f)["history"]] == [0, 5, 10]
+
+
+def test_one_copy_of_teacher_weights(tmp_path, train_texts, tokenizer):
+    # A teacher of its own (the session fixture keeps a copy of the trained one's weights).
+    trainer = make_trainer(tmp_path, train_texts, tokenizer, tiny_teacher("llama", seed=7), max_steps=1)
+    trainer.train()
+    assert trainer.teacher_model is None
+    teacher_params = {n: p for n, p in trainer.red_model.base_model.named_parameters()}
+    gc.collect()
+    tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta]
+    for name, param in teacher_params.items():
+        same = {t.untyped_storage().data_ptr() for t in tensors
+                if t.shape == param.shape and t.dtype == param.dtype and torch.equal(t, param)}
+        assert same == {param.untyped_storage().data_ptr()}, f"{name} is held {len(same)} times"
+
+
+def test_save_model_writes_plain_student(tmp_path, train_texts, tokenizer, teacher, input_ids):
+    trainer = make_trainer(tmp_path, train_texts, tokenizer, teacher, max_steps=2, erank_steps=1, erank_num_samples=2)
+    trainer.train()
+    out = tmp_path / "student"
+    trainer.save_model(str(out))
+    files = set(os.listdir(out))
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "red_config.json",
+            "erank.json"} <= files
+    assert not any(n.startswith(".staging") for n in files)
+    student = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(student(input_ids).logits, trainer.red_model(input_ids).logits,
+                                   rtol=0, atol=1e-4)
+    summary = json.load(open(out / "red_config.json"))
+    assert summary["student_hidden_size"] == 32 and summary["distillation"]["temperature"] == 1.0
+    assert summary["adapter"]["calibration_source"] == "first 8 texts of train_dataset"
+    assert summary["global_step"] == 2 and summary["tokens_trained"] > 0
