@@ -40,3 +40,28 @@ def test_red_student_merges_reloads_and_sits_between_teacher_and_random(load_smo
     print("step-0 perplexity on the fixed text:", {k: round(v, 2) for k, v in ppl.items()})
     assert ppl["red_reloaded"] == pytest.approx(ppl["red"], rel=1e-4)
     assert ppl["teacher"] < ppl["red"] < ppl["random"]
+
+
+def test_distillation_end_to_end(load_smollm2_teacher, tmp_path):
+    import datasets
+
+    from transformers_red import RedConfig, RedDistillationTrainer
+    from transformers_red.resources import reasoning_texts
+
+    teacher, tokenizer = load_smollm2_teacher()
+    texts = reasoning_texts(24, seed=0)
+    args = RedConfig(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2, max_length=128,
+                     report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
+                     calibration_num_samples=15)
+    trainer = RedDistillationTrainer(model=teacher, args=args, processing_class=tokenizer,
+                                     train_dataset=datasets.Dataset.from_dict({"text": texts}))
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "kd_loss" in h]
+    print("SmolLM2 distillation steps:", [(round(h["loss"], 3), round(h["kd_loss"], 3)) for h in logged])
+    assert len(logged) == 2 and all(h["loss"] == h["loss"] for h in logged)
+    trainer.save_model(str(tmp_path / "student"))
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    assert student.config.hidden_size == 288
+    prompt = tokenizer("Question: 3 + 4 = ?\nAnswer:", return_tensors="pt")
+    out = student.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 4

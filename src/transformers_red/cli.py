@@ -1,4 +1,4 @@
-"""The `transformers-red` command line. Subcommands: `inspect` (more arrive with the trainer and hub)."""
+"""The `transformers-red` command line. Subcommands: `inspect` (step-0 report) and `distill` (training)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Any
 from .config import RedAdapterConfig
 
 
-def load_teacher(name_or_path: str | None, gguf_file: str | None = None, seed: int = 0) -> tuple[Any, Any]:
+def load_teacher(name_or_path: str | None, gguf_file: str | None = None, seed: int = 0,
+                 init_kwargs: dict[str, Any] | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) for the CLI.
 
     None: the embedded default, a tiny random Llama with a byte tokenizer. "smollm2": SmolLM2-135M-Instruct from
@@ -27,7 +28,8 @@ def load_teacher(name_or_path: str | None, gguf_file: str | None = None, seed: i
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=False, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=False,
+                                                     **{**kwargs, **(init_kwargs or {})})
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **({"gguf_file": gguf_file} if gguf_file else {}))
     except OSError as err:
         raise SystemExit(f"Cannot load teacher {name_or_path!r}: {err}\nGive a local folder with safetensors "
@@ -79,10 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="Also write the report as JSON here.")
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
     p.set_defaults(func=_inspect)
+    sub.add_parser("distill", add_help=False,
+                   help="Distil a student (every RedConfig field is a flag; --config file.yaml; see distill -h).")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["distill"]:  # TrlParser owns these flags
+        from .distill import run_distill
+
+        run_distill(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     return args.func(args)
 

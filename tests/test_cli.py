@@ -1,0 +1,61 @@
+"""The `transformers-red` command line: `inspect` on the embedded default, `distill` from flags and YAML."""
+
+import json
+import os
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from transformers_red.cli import main
+from transformers_red.resources import builtin_texts, byte_tokenizer, tiny_teacher
+
+
+def test_inspect_default_prints_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["inspect", "--quiet", "--eval-texts", "4", "--calibration-samples", "4", "--max-length", "64",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for needle in ("Teacher: LlamaForCausalLM", "trainable parameters", "Per-layer eRank", "Selected channels: 32 of 64",
+                   "activation   29 projections, singular values 1.000 .. 1.000"):
+        assert needle in printed
+    report = json.loads(out.read_text())
+    assert set(report["students"]) == {"activation", "random"}
+    assert report["students"]["activation"]["hidden_size"] == 32
+    assert len(report["teacher"]["erank"]) == 5
+
+
+def test_inspect_rejects_bad_width(capsys):
+    with pytest.raises(SystemExit, match="between 0 and 1"):
+        main(["inspect", "--width-ratio", "2"])
+
+
+@pytest.fixture
+def teacher_dir(tmp_path):
+    folder = tmp_path / "teacher"
+    tiny_teacher("qwen3", tie_word_embeddings=False).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_distill_from_yaml_and_flags(tmp_path, teacher_dir):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in builtin_texts(24)))
+    config = tmp_path / "red.yaml"
+    config.write_text(f"teacher_model_name_or_path: {teacher_dir}\nwidth_ratio: 0.25\nmax_steps: 3\n"
+                      "per_device_train_batch_size: 4\nmax_length: 48\nreport_to: []\nuse_cpu: true\n"
+                      "calibration_num_samples: 4\nclone_terms: [q, k, attn]\ndisable_tqdm: true\n")
+    out = tmp_path / "student"
+    main(["distill", "--config", str(config), "--dataset_path", str(data), "--output_dir", str(out),
+          "--temperature", "2.0", "--save_strategy", "no"])
+    student = AutoModelForCausalLM.from_pretrained(out)
+    assert type(student).__name__ == "Qwen3ForCausalLM" and student.config.hidden_size == 16
+    summary = json.loads((out / "red_config.json").read_text())
+    assert summary["distillation"]["temperature"] == 2.0
+    assert summary["distillation"]["clone_terms"] == ["q", "k", "attn"]
+    assert summary["global_step"] == 3
+    assert os.path.isfile(out / "tokenizer.json")
+
+
+def test_distill_needs_a_dataset(tmp_path, teacher_dir):
+    with pytest.raises(SystemExit, match="exactly one of --dataset_path"):
+        main(["distill", "--teacher_model_name_or_path", str(teacher_dir), "--output_dir", str(tmp_path / "o")])
