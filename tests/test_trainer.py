@@ -194,3 +194,16 @@ def test_save_model_writes_plain_student(tmp_path, train_texts, tokenizer, teach
     assert summary["student_hidden_size"] == 32 and summary["distillation"]["temperature"] == 1.0
     assert summary["adapter"]["calibration_source"] == "first 8 texts of train_dataset"
     assert summary["global_step"] == 2 and summary["tokens_trained"] > 0
+
+
+def test_erank_callback_logs_and_raises_the_collapse_alarm(tmp_path, train_texts, tokenizer, teacher, caplog):
+    trainer = make_trainer(tmp_path, train_texts, tokenizer, teacher, max_steps=2, erank_steps=1,
+                           erank_num_samples=3, erank_collapse_ratio=2.0)  # a student never has 2x the teacher's
+    with caplog.at_level("WARNING", logger="transformers_red.callbacks"):
+        trainer.train()
+    assert "eRank collapse at step 0" in caplog.text
+    logged = [h for h in trainer.state.log_history if "erank/mean" in h]
+    assert logged and all(0 < h["erank/ratio"] < 2.0 for h in logged)
+    history = json.loads((tmp_path / "out" / "erank.json").read_text())
+    assert len(history["teacher"]) == 3 and [h["step"] for h in history["history"]] == [0, 1, 2]
+    assert all(len(h["student"]) == 3 for h in history["history"])
