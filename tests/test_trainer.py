@@ -207,3 +207,15 @@ def test_erank_callback_logs_and_raises_the_collapse_alarm(tmp_path, train_texts
     history = json.loads((tmp_path / "out" / "erank.json").read_text())
     assert len(history["teacher"]) == 3 and [h["step"] for h in history["history"]] == [0, 1, 2]
     assert all(len(h["student"]) == 3 for h in history["history"])
+
+
+def test_separate_teacher_model_gives_the_same_step(tmp_path, train_texts, tokenizer, trained_teacher):
+    shared = make_trainer(tmp_path / "shared", train_texts, tokenizer, trained_teacher(), max_steps=2)
+    shared.train()
+    separate = RedDistillationTrainer(model=trained_teacher(), teacher_model=trained_teacher(),
+                                      args=make_args(tmp_path / "separate", max_steps=2),
+                                      train_dataset=train_texts, processing_class=tokenizer)
+    separate.train()
+    assert separate.teacher_model is not None
+    for key in ("loss", "kd_loss", "clone_loss", "clone/attn", "clone/ffn", "teacher_ce_loss"):
+        assert losses(separate, key) == pytest.approx(losses(shared, key), rel=1e-5), key

@@ -1,0 +1,373 @@
+"""A multi-step reasoning task family with a known number of composition steps, and a small teacher for it.
+
+Variable-binding chains
+-----------------------
+A problem binds single-letter variables to small numbers and asks for one of them::
+
+    prompt   p=42;t=9;x=p+7;k=x*2;?k
+    target    => x=42+7=49;k=49*2=98;#98
+    text     p=42;t=9;x=p+7;k=x*2;?k => x=42+7=49;k=49*2=98;#98<eos>
+
+* The *hop count* ``h`` is the number of composition steps the answer needs: the queried variable sits at
+  the end of a chain ``base -> v1 -> ... -> vh`` where each ``vi = v(i-1) <op> c``. ``h = 0`` is the
+  control task: the query names one of the constants directly (a single lookup / copy, no arithmetic)::
+
+    h=0   n=5;q=61;?n => #5
+    h=1   g=7;j=g-3;c=30;?j => j=7-3=4;#4
+
+* The rationale (GSM8K style) writes one ``var=operand<op>c=value`` step per hop, in chain order, then the
+  final answer after ``#``. Every step needs the value produced by the previous one, so the number of
+  sequential compositions equals the hop count.
+* Operations: ``+c`` and ``-c`` with ``c`` in 1..9, and ``*2``; values always stay in 0..99 (an operation
+  that would leave the range is never drawn), so every step is a small, learnable digit operation.
+* Distractors: 1 or 2 extra constant bindings (``t=9`` above) are placed at random positions, so even the
+  first step needs a real lookup of the base variable among several constants. Distractors are
+  constants only (never derived), so the derived bindings, read in prompt order, are exactly the chain;
+  the variable letters are random and distinct.
+
+Generation is deterministic for a seed (``random.Random`` seeded with a string, which does not depend on
+``PYTHONHASHSEED``). :func:`evaluate_model` scores greedy generations by exact match of the final ``#N``,
+per hop count.
+
+The embedded teacher (:func:`load_reasoning_teacher`) is a 4-layer LlamaForCausalLM trained from scratch
+on this family by ``scripts/train_reasoning_teacher.py``; see ``docs/reasoning_teacher.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import string
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+__all__ = [
+    "END_MARKER",
+    "PAD_TOKEN",
+    "BOS_TOKEN",
+    "EOS_TOKEN",
+    "UNK_TOKEN",
+    "TASK_CHARACTERS",
+    "MAX_VALUE",
+    "Problem",
+    "generate_problem",
+    "generate_problems",
+    "generate_mixed_problems",
+    "format_example",
+    "parse_answer",
+    "score_answer",
+    "build_task_tokenizer",
+    "greedy_generate",
+    "evaluate_model",
+    "reasoning_teacher_dir",
+    "load_reasoning_teacher",
+]
+
+PAD_TOKEN = "<pad>"
+BOS_TOKEN = "<bos>"
+EOS_TOKEN = "<eos>"
+UNK_TOKEN = "<unk>"
+END_MARKER = EOS_TOKEN  # the text that ends every training example (tokenised to the eos id)
+
+# Characters of the task, plus a few spare punctuation marks (so slightly different formats still tokenise).
+TASK_CHARACTERS = string.digits + string.ascii_lowercase + "=;?+-*#> " + "(),.:/\n"
+MAX_VALUE = 99  # every value, constant and intermediate, lies in 0..MAX_VALUE
+_OPERATIONS = ("+", "-", "*")  # "+c", "-c" (c in 1..9) and "*2"
+_ANSWER_RE = re.compile(r"#(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One chain problem.
+
+    ``prompt`` is what the model sees, ``target`` the step-by-step continuation it must produce (without the
+    end marker), ``answer`` the value of the queried variable, ``hops`` the number of composition steps.
+    ``chain`` names the variables from the base constant to the queried one (``len(chain) == hops + 1``) and
+    ``values`` their values, so ``values[1:]`` are the intermediate results written in the rationale.
+    """
+
+    prompt: str
+    target: str
+    answer: int
+    hops: int
+    chain: tuple[str, ...] = ()
+    values: tuple[int, ...] = ()
+
+    @property
+    def text(self) -> str:
+        """The full training text, ``prompt + target + END_MARKER``."""
+        return format_example(self)
+
+
+def _step(rng: random.Random, value: int) -> tuple[str, int, int]:
+    """Draw one operation valid for ``value``: returns (op, operand, result) with the result in range."""
+    ops = []
+    if value + 1 <= MAX_VALUE:
+        ops.append("+")
+    if value - 1 >= 0:
+        ops.append("-")
+    if value * 2 <= MAX_VALUE:
+        ops.append("*")
+    op = rng.choice(ops)
+    if op == "*":
+        return op, 2, value * 2
+    if op == "+":
+        c = rng.randint(1, min(9, MAX_VALUE - value))
+        return op, c, value + c
+    c = rng.randint(1, min(9, value))
+    return op, c, value - c
+
+
+def generate_problem(rng: random.Random, hops: int, distractors: tuple[int, int] = (1, 2)) -> Problem:
+    """One problem with ``hops`` composition steps, drawn from ``rng``.
+
+    ``distractors`` is the (min, max) number of unused constant bindings; for ``hops == 0`` at least one is
+    always added, so the control task is a lookup among at least two constants.
+    """
+    lo, hi = distractors
+    if hops < 0:
+        raise ValueError(f"hops must be >= 0, got {hops}")
+    if not 0 <= lo <= hi:
+        raise ValueError(f"distractors must be (min, max) with 0 <= min <= max, got {distractors}")
+    n_distractors = rng.randint(lo, hi)
+    if hops == 0:
+        n_distractors = max(1, n_distractors)
+    n_vars = hops + 1 + n_distractors
+    if n_vars > len(string.ascii_lowercase):
+        raise ValueError(f"{hops} hops with {n_distractors} distractors need more than 26 variables")
+    names = rng.sample(string.ascii_lowercase, n_vars)
+    chain, others = names[: hops + 1], names[hops + 1 :]
+
+    values = [rng.randint(0, MAX_VALUE)]
+    derived, steps = [], []
+    for i in range(1, hops + 1):
+        op, c, result = _step(rng, values[-1])
+        derived.append(f"{chain[i]}={chain[i - 1]}{op}{c}")
+        steps.append(f"{chain[i]}={values[-1]}{op}{c}={result}")
+        values.append(result)
+
+    # The base constant and the distractors, in random order, with the chain after the base.
+    constants = [f"{chain[0]}={values[0]}"] + [f"{v}={rng.randint(0, MAX_VALUE)}" for v in others]
+    statements = [constants[0]] + derived
+    for stmt in constants[1:]:  # insert each distractor at a random position (anywhere)
+        statements.insert(rng.randint(0, len(statements)), stmt)
+    prompt = "".join(s + ";" for s in statements) + f"?{chain[-1]}"
+    target = " =>" + ("" if not steps else " " + "".join(s + ";" for s in steps)) + (
+        f"#{values[-1]}" if steps else f" #{values[-1]}"
+    )
+    return Problem(prompt=prompt, target=target, answer=values[-1], hops=hops, chain=tuple(chain),
+                   values=tuple(values))
+
+
+def generate_problems(n: int, hops: int, seed: int = 0, distractors: tuple[int, int] = (1, 2)) -> list[Problem]:
+    """``n`` problems with exactly ``hops`` composition steps; deterministic given (``hops``, ``seed``)."""
+    rng = random.Random(f"red-chain/{seed}/{hops}")
+    return [generate_problem(rng, hops, distractors) for _ in range(n)]
+
+
+def generate_mixed_problems(n: int, hops: Sequence[int] | range = range(0, 7), seed: int = 0,
+                            distractors: tuple[int, int] = (1, 2)) -> list[Problem]:
+    """``n`` problems whose hop counts are drawn uniformly from ``hops`` (for training); deterministic."""
+    hops = list(hops)
+    rng = random.Random(f"red-chain-mixed/{seed}")
+    return [generate_problem(rng, rng.choice(hops), distractors) for _ in range(n)]
+
+
+def format_example(problem: Problem) -> str:
+    """The full training text: ``prompt + target + END_MARKER``."""
+    return problem.prompt + problem.target + END_MARKER
+
+
+# --------------------------------------------------------------------------- scoring
+def parse_answer(generated_text: str) -> int | None:
+    """The final answer ``N`` of a ``...#N`` continuation, or None when malformed.
+
+    Text after the end marker is ignored; the continuation must end with ``#`` and digits (trailing
+    whitespace allowed).
+    """
+    text = generated_text.split(END_MARKER, 1)[0]
+    match = _ANSWER_RE.search(text)
+    return int(match.group(1)) if match else None
+
+
+def score_answer(generated_text: str, problem: Problem) -> bool:
+    """Exact match of the final ``#N`` in ``generated_text`` (the continuation, or prompt + continuation)."""
+    answer = parse_answer(generated_text)
+    return answer is not None and answer == problem.answer
+
+
+# --------------------------------------------------------------------------- tokenizer
+def build_task_tokenizer():
+    """A character-level ``PreTrainedTokenizerFast`` for the task (57 ids).
+
+    Ids 0..3 are ``<pad>``, ``<bos>``, ``<eos>``, ``<unk>``, then one id per character of
+    :data:`TASK_CHARACTERS` (digits, lowercase letters, ``=;?+-*#> ``, a few spare marks). A ``<bos>`` is
+    prepended to every encoded sequence (``add_special_tokens=True``); no ``<eos>`` is appended (the training
+    text carries it as :data:`END_MARKER`). Unknown characters map to ``<unk>``. Padding defaults to the
+    left (for batched generation). ``save_pretrained`` / ``AutoTokenizer.from_pretrained`` round-trip it.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in TASK_CHARACTERS:
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B", special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN])]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=UNK_TOKEN,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        model_max_length=512,
+    )
+    return tok
+
+
+# --------------------------------------------------------------------------- generation / evaluation
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
+                    use_hf_generate: bool = True) -> list[str]:
+    """Greedy continuations of ``prompts`` (one batch, left padded), decoded without special tokens.
+
+    Generation stops at the tokenizer's eos (the end marker). With ``use_hf_generate=False`` a plain loop with
+    the model's KV cache is used instead of ``model.generate`` (same greedy tokens; lower overhead per step).
+    """
+    device = next(model.parameters()).device
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = old_side
+    input_ids = enc["input_ids"].to(device)
+    attention_mask = enc["attention_mask"].to(device)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if use_hf_generate:
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+        new = out[:, input_ids.shape[1]:]
+    else:
+        new = _greedy_loop(model, input_ids, attention_mask, max_new_tokens, eos, pad)
+    texts = []
+    for row in new.tolist():
+        if eos in row:
+            row = row[: row.index(eos)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+def _greedy_loop(model, input_ids, attention_mask, max_new_tokens, eos, pad):
+    from transformers import DynamicCache
+
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   past_key_values=cache, use_cache=True).logits[:, -1]
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    next_pos = position_ids[:, -1:] + 1
+    out = []
+    for _ in range(max_new_tokens):
+        token = logits.argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        out.append(token)
+        done |= token == eos
+        if bool(done.all()):
+            break
+        attention_mask = torch.cat([attention_mask, (~done).long()[:, None] | 1], dim=1)
+        logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_pos,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        next_pos = next_pos + 1
+    return torch.stack(out, dim=1)
+
+
+@torch.no_grad()
+def evaluate_model(model, tokenizer, problems: Iterable[Problem], batch_size: int = 128,
+                   max_new_tokens: int | None = None, use_hf_generate: bool = True,
+                   return_outputs: bool = False):
+    """Greedy exact-match accuracy of the final ``#N``, per hop count: ``{hops: accuracy}``.
+
+    Problems are batched by hop count (similar lengths, little padding). ``max_new_tokens`` defaults to the
+    longest reference target of the batch plus 8 tokens (a longer continuation cannot be an exact rationale
+    and is cut). With ``return_outputs=True`` returns ``(accuracy, outputs)`` where ``outputs`` lists
+    ``(problem, generated_text, correct)`` in input order.
+    """
+    problems = list(problems)
+    was_training = model.training
+    model.eval()
+    by_hops: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(problems):
+        by_hops[p.hops].append(i)
+    generated: list[str | None] = [None] * len(problems)
+    try:
+        for hops in sorted(by_hops):
+            idx = by_hops[hops]
+            for start in range(0, len(idx), batch_size):
+                chunk = idx[start : start + batch_size]
+                limit = max_new_tokens
+                if limit is None:
+                    limit = max(len(problems[i].target) for i in chunk) + 1 + 8
+                texts = greedy_generate(model, tokenizer, [problems[i].prompt for i in chunk], limit,
+                                        use_hf_generate=use_hf_generate)
+                for i, text in zip(chunk, texts):
+                    generated[i] = text
+    finally:
+        model.train(was_training)
+    correct = [score_answer(t, p) for t, p in zip(generated, problems)]
+    accuracy = {}
+    for hops in sorted(by_hops):
+        idx = by_hops[hops]
+        accuracy[hops] = sum(correct[i] for i in idx) / len(idx)
+    if return_outputs:
+        return accuracy, list(zip(problems, generated, correct))
+    return accuracy
+
+
+# --------------------------------------------------------------------------- embedded teacher
+def reasoning_teacher_dir() -> Path:
+    """The folder of the packaged teacher checkpoint (``transformers_red/data/reasoning_teacher``)."""
+    return Path(__file__).resolve().parent / "data" / "reasoning_teacher"
+
+
+def load_reasoning_teacher(folder: str | Path | None = None, device: str | torch.device = "cpu",
+                           dtype: torch.dtype | None = None):
+    """``(model, tokenizer)`` of the embedded chain-reasoning teacher, loaded offline, in eval mode.
+
+    ``folder`` defaults to :func:`reasoning_teacher_dir`. The model is a ``LlamaForCausalLM`` read from
+    safetensors with ``AutoModelForCausalLM.from_pretrained``; the tokenizer with ``AutoTokenizer``.
+    Raises FileNotFoundError (with the rebuild command) when the checkpoint is missing.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder) if folder is not None else reasoning_teacher_dir()
+    missing = [name for name in ("config.json", "model.safetensors", "tokenizer.json")
+               if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"reasoning teacher checkpoint not found in {folder} (missing: {', '.join(missing)}). "
+            "Rebuild it with `python scripts/train_reasoning_teacher.py` (about 10 minutes on CPU), or "
+            "reinstall transformers_red with its package data."
+        )
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kwargs).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return model, tokenizer
+
+
+def teacher_report(folder: str | Path | None = None) -> dict:
+    """The ``training_report.json`` shipped with the teacher (settings, wall time, held-out accuracy)."""
+    folder = Path(folder) if folder is not None else reasoning_teacher_dir()
+    return json.loads((folder / "training_report.json").read_text())
