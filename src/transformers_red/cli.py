@@ -1,4 +1,4 @@
-"""The `transformers-red` command line. Subcommands: `inspect` (step-0 report) and `distill` (training)."""
+"""The `transformers-red` command line: `inspect`, `distill`, `demo`, `eval`, `erank` (and `push`)."""
 
 from __future__ import annotations
 
@@ -81,18 +81,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="Also write the report as JSON here.")
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
     p.set_defaults(func=_inspect)
-    sub.add_parser("distill", add_help=False,
-                   help="Distil a student (every RedConfig field is a flag; --config file.yaml; see distill -h).")
+    for name, help_text in _DELEGATED.items():
+        sub.add_parser(name, add_help=False, help=help_text)
     return parser
+
+
+# Subcommands that own their flags (`transformers-red NAME -h` shows them): name -> (help).
+_DELEGATED = {
+    "distill": "Distil a student (every RedConfig field is a flag; --config file.yaml).",
+    "demo": "RED vs random-init students of the embedded chain-reasoning teacher, side by side.",
+    "eval": "Evaluate a model with lm-evaluation-harness on offline (or hub) tasks.",
+    "erank": "Per-layer eRank of one or more models side by side (table and PNG).",
+}
+
+
+def _delegate(name: str, argv: list[str]) -> int:
+    if name == "distill":
+        from .distill import run_distill
+
+        run_distill(argv)
+        return 0
+    if name == "demo":
+        from .demo import cli_demo
+
+        return cli_demo(argv)
+    from .evaluation import cli_erank, cli_eval
+
+    return (cli_eval if name == "eval" else cli_erank)(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["distill"]:  # TrlParser owns these flags
-        from .distill import run_distill
-
-        run_distill(argv[1:])
-        return 0
+    if argv and argv[0] in _DELEGATED:
+        return _delegate(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
