@@ -7,6 +7,7 @@ from .callbacks import ERankCallback
 from .calibrate import ActivationStats, collect_activation_stats, select_channels
 from .config import SUPPORTED_MODEL_TYPES, TARGET_MODULES_MAPPING, RedAdapterConfig
 from .erank import effective_rank, layerwise_effective_rank, projection_spectra, spectrum_effective_rank
+from .hub import HubPushError, build_model_card, push_compressed
 from .initialise import orthogonal_projection, random_projection, selection_matrix
 from .layer import RedEmbedding, RedLinear, RedRMSNorm
 from .merge import student_config
@@ -20,6 +21,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationStats",
     "ERankCallback",
+    "HubPushError",
+    "build_model_card",
+    "push_compressed",
     "RedConfig",
     "RedDistillationTrainer",
     "generalized_jsd_loss",

@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="Also write the report as JSON here.")
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
     p.set_defaults(func=_inspect)
+    from .hub import add_push_arguments, run_push
+
+    p = sub.add_parser("push", help="Upload a merged student with a RED model card to the Hugging Face Hub.")
+    add_push_arguments(p)
+    p.set_defaults(func=run_push)
     for name, help_text in _DELEGATED.items():
         sub.add_parser(name, add_help=False, help=help_text)
     return parser

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import textwrap
 from typing import Any
 
@@ -170,11 +171,13 @@ class RedDistillationTrainer(SFTTrainer):
 
     def _erank_texts(self, dataset: Any, args: RedConfig) -> list[str]:
         if dataset is not None and not isinstance(dataset, dict):
+            self._erank_source = "given dataset"
             if isinstance(dataset, list):
                 return dataset[: args.erank_num_samples]
             return self._texts(dataset, args, args.erank_num_samples)
         from .resources import builtin_texts
 
+        self._erank_source = "Python documentation paragraphs, transformers_red.resources.builtin_texts"
         return builtin_texts()[-args.erank_num_samples:]
 
     def _prepare_teacher(self, teacher: Any) -> Any:
@@ -344,9 +347,39 @@ class RedDistillationTrainer(SFTTrainer):
         red, args = self.red_model, self.args
         keys = ("temperature", "beta", "ce_weight", "kd_weight", "clone_weight", "clone_terms",
                 "clone_output_space", "learning_rate", "max_length", "seed")
+        erank_source = None
+        if self._erank_callback is not None:
+            erank_source = f"{len(self._erank_callback.texts)} held-out texts ({self._erank_source})"
         return {"adapter": red.red_config.to_dict(), "distillation": {k: getattr(args, k) for k in keys},
+                "erank_source": erank_source,
                 "global_step": self.state.global_step, "tokens_trained": self._total_train_tokens,
                 "teacher_hidden_size": red.teacher_hidden_size, "student_hidden_size": red.student_hidden_size}
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None,
+                    **kwargs: Any) -> str | None:
+        """Push the merged student (what `save_model` writes) with a RED model card to `args.hub_model_id`.
+
+        Trainer's own push_to_hub would upload `output_dir`, which holds adapter checkpoints. `kwargs` go to
+        `transformers_red.hub.push_compressed` (eval_results, datasets, erank_text, teacher_name_or_path).
+        """
+        from .hub import push_compressed
+
+        if revision is not None or not blocking:
+            raise ValueError("RedDistillationTrainer.push_to_hub uploads the merged student to the main branch and "
+                             "waits for it; for anything else call transformers_red.hub.push_compressed.")
+        for key in ("model_name", "tags", "finetuned_from", "language", "license", "tasks", "dataset_tags",
+                    "dataset_args", "dataset"):
+            kwargs.pop(key, None)  # Trainer.create_model_card arguments: the RED card is built instead
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        if not self.args.should_save:
+            return None
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        with tempfile.TemporaryDirectory(prefix="red-student-") as tmp:
+            self.export_student(tmp)
+            return push_compressed(tmp, repo_id, token=token if token is not None else self.args.hub_token,
+                                   private=bool(self.args.hub_private_repo if private is None else private),
+                                   commit_message=commit_message or "End of training", **kwargs)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         if resume_from_checkpoint is True:

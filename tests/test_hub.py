@@ -1,0 +1,373 @@
+"""Publishing a student: the model card, and `push_compressed` against a local fake Hub (tests/fake_hub.py).
+
+The real `huggingface_hub` client runs unmodified (no HfApi method is mocked) against an HTTP server on
+127.0.0.1; nothing leaves the machine. `ModelCard.validate()` is never called (it posts to a fixed public URL).
+"""
+
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+
+import datasets
+import huggingface_hub.hf_api
+import pytest
+import transformers.utils.hub
+import torch
+from fake_hub import FakeHub
+from huggingface_hub import EvalResult, HfApi, ModelCard, constants, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils._runtime import is_xet_available
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from transformers_red import RedAdapterConfig, RedConfig, RedDistillationTrainer, get_red_model
+from transformers_red.hub import (
+    RED_ERANK_FILE,
+    HubPushError,
+    add_push_arguments,
+    build_model_card,
+    count_parameters,
+    push_compressed,
+    run_push,
+)
+from transformers_red.resources import builtin_texts, byte_tokenizer, tiny_teacher
+
+TOKEN = "hf_fakeTOKEN0123456789secret"
+REPO = "user/tiny-red"
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(params=["regular"])
+def hub(request, monkeypatch, tmp_path):
+    """A fresh fake Hub; the client (env and the constants read at import time) points at it, cache in tmp.
+
+    `params` (indirect): "regular" = HF_HUB_DISABLE_XET=1 (create_commit path), "pipelined" = hf_xet's
+    streamed upload path that real users get (the fake Hub answers "regular" for every file there too).
+    """
+    xet_off = request.param == "regular"
+    if not xet_off and importlib.util.find_spec("hf_xet") is None:
+        pytest.skip("hf_xet is not installed: the pipelined upload path is not used")
+    fake = FakeHub().start()
+    request.addfinalizer(fake.stop)
+    home = tmp_path / "hf_home"
+    env = {"HF_ENDPOINT": fake.endpoint, "HF_HUB_DISABLE_XET": "1" if xet_off else "0", "HF_HUB_OFFLINE": "0",
+           "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_XET_CACHE": str(home / "xet")}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    patched = {"ENDPOINT": fake.endpoint, "HUGGINGFACE_CO_URL_TEMPLATE": fake.endpoint +
+               "/{repo_id}/resolve/{revision}/{filename}", "HF_HUB_OFFLINE": False, "HF_HUB_DISABLE_XET": xet_off,
+               "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HUGGINGFACE_HUB_CACHE": str(home / "hub"),
+               "HF_XET_CACHE": str(home / "xet"), "HF_TOKEN_PATH": str(home / "token"),
+               "HF_STORED_TOKENS_PATH": str(home / "stored_tokens")}
+    for key, value in patched.items():  # monkeypatch restores every one of them afterwards
+        monkeypatch.setattr(constants, key, value)
+    # HfApi instances made at import time keep the endpoint of then: huggingface_hub's module-level one, and
+    # transformers' shared one (made on first use; from_pretrained resolves "main" to a commit through it).
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", fake.endpoint)
+    monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)
+    fake.home = home
+    assert is_xet_available() == (not xet_off)  # which upload path upload_folder takes
+    return fake
+
+
+@pytest.fixture(scope="module")
+def student_folder(tmp_path_factory):
+    """A real trainer export: 2 RED steps on a tiny Llama, then `save_model` (merged student + red files)."""
+    out = tmp_path_factory.mktemp("hub") / "student"
+    args = RedConfig(output_dir=str(out.parent / "run"), max_steps=2, per_device_train_batch_size=4, max_length=48,
+                     report_to=[], save_strategy="no", use_cpu=True, seed=0, learning_rate=1e-2,
+                     calibration_num_samples=8, erank_steps=1, erank_num_samples=2, disable_tqdm=True)
+    trainer = RedDistillationTrainer(model=tiny_teacher("llama"), args=args, processing_class=byte_tokenizer(),
+                                     train_dataset=datasets.Dataset.from_dict({"text": builtin_texts(32)}))
+    trainer.train()
+    trainer.save_model(str(out))
+    return out
+
+
+def folder_digest(folder) -> str:
+    digest = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(folder)):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            digest.update(os.path.relpath(path, folder).encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def every_log_record():
+    """All records at DEBUG and above of the libraries involved (transformers' and the Hub's loggers do not
+    propagate to the root logger, so caplog alone would miss them)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in ("", "huggingface_hub", "transformers", "transformers_red",
+                                                     "httpx2", "httpcore2")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    try:
+        yield records
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+
+def red_block(card: ModelCard) -> dict:
+    return card.data.to_dict()["red"]
+
+
+def api_for(hub) -> HfApi:
+    return HfApi(endpoint=hub.endpoint, token=TOKEN)
+
+
+# -------------------------------------------------------------------------------------------- model card
+def test_card_from_trainer_folder(student_folder):
+    summary = json.loads((student_folder / "red_config.json").read_text())
+    erank = json.loads((student_folder / "erank.json").read_text())
+    results = [{"task": "gsm8k", "metric": "exact_match", "value": 0.125, "split": "test", "num_fewshot": 5,
+                "name": "exact_match (strict-match, 5-shot)", "metric_config": "strict-match",  # as `eval` writes
+                "metric_args": {"stderr": 0.01}, "source_name": "lm-evaluation-harness",
+                "source_url": "https://github.com/EleutherAI/lm-evaluation-harness"},
+               EvalResult(task_type="text-generation", dataset_type="hellaswag", dataset_name="HellaSwag",
+                          metric_type="acc_norm", metric_value=0.31)]
+    card = build_model_card(student_folder, teacher_name_or_path=SMOLLM2, eval_results=results,
+                            datasets=["some/corpus"], erank_text="2 Python doc paragraphs")
+    meta = card.data.to_dict()
+    assert meta["base_model"] == SMOLLM2 and meta["library_name"] == "transformers"
+    assert meta["pipeline_tag"] == "text-generation" and meta["datasets"] == ["some/corpus"]
+    assert {"transformers_red", "red", "distillation", "width-pruning"} <= set(meta["tags"])
+    red = meta["red"]
+    assert (red["teacher_hidden_size"], red["student_hidden_size"], red["width_ratio"]) == (64, 32, 0.5)
+    teacher = tiny_teacher("llama")
+    assert red["teacher_parameters"] == teacher.num_parameters()
+    student = AutoModelForCausalLM.from_pretrained(student_folder)
+    assert red["student_parameters"] == student.num_parameters() < red["teacher_parameters"]
+    assert red["parameter_ratio"] == round(red["student_parameters"] / red["teacher_parameters"], 4)
+    assert red["init"] == "activation" and red["norm_init"] == "teacher"
+    assert red["calibration"] == {"source": "first 8 texts of train_dataset", "num_samples": 8}
+    assert red["distillation"]["temperature"] == summary["distillation"]["temperature"]
+    assert red["distillation"]["kd_weight"] == summary["distillation"]["kd_weight"]
+    assert red["global_step"] == 2 and red["tokens_trained"] == summary["tokens_trained"] > 0
+    last = erank["history"][-1]
+    assert red["erank"]["student_mean"] == round(last["mean"], 4)
+    assert red["erank"]["student_min_layer"] == last["min_layer"] and red["erank"]["step"] == 2
+    assert red["erank"]["measured_on"] == "2 Python doc paragraphs"
+    assert red["library_version"] and red["paper"] == "arXiv:2605.29327"
+    index = meta["model-index"][0]["results"]
+    assert index[0]["metrics"][0] == {"type": "exact_match", "value": 0.125, "name": "exact_match (strict-match, "
+                                      "5-shot)", "config": "strict-match", "args": {"stderr": 0.01}}
+    assert index[0]["dataset"]["args"] == {"num_fewshot": 5}
+    assert index[0]["dataset"]["split"] == "test" and index[1]["metrics"][0]["value"] == 0.31
+    text = str(card)
+    assert "AutoModelForCausalLM.from_pretrained" in text and "2605.29327" in text
+    assert "transformers-red eval" in text
+    assert red_block(ModelCard(text)) == red  # the front matter parses back to the same values
+
+
+def test_card_overrides_and_non_hub_teacher(student_folder, tmp_path):
+    card = build_model_card(student_folder, teacher_name_or_path=str(tmp_path),  # a local path: no base_model
+                            red_summary={"teacher_hidden_size": 128}, erank={}, library_version="9.9")
+    meta = card.data.to_dict()
+    assert "base_model" not in meta and meta["red"]["teacher"] == str(tmp_path)
+    assert meta["red"]["teacher_hidden_size"] == 128 and meta["red"]["erank"] is None
+    assert meta["red"]["library_version"] == "9.9" and "model-index" not in meta
+    assert count_parameters({"model_type": "no-such-arch"}) is None
+    summary = {**json.loads((student_folder / "red_config.json").read_text()), "erank_source": "eval_dataset"}
+    assert red_block(build_model_card(student_folder, red_summary=summary))["erank"]["measured_on"] == "eval_dataset"
+
+
+# ---------------------------------------------------------------------------------------------- pushing
+def test_push_offline_says_so(student_folder):
+    assert constants.HF_HUB_OFFLINE  # conftest: the test session is offline
+    with pytest.raises(HubPushError, match="HF_HUB_OFFLINE is set"):
+        push_compressed(student_folder, REPO, token=TOKEN)
+
+
+@pytest.mark.parametrize("hub", ["regular", "pipelined"], indirect=True)
+def test_push_and_load_back(hub, student_folder):
+    before = folder_digest(student_folder)
+    with every_log_record() as records:
+        url = push_compressed(student_folder, REPO, api=api_for(hub), erank_text="held-out docs",
+                              teacher_name_or_path=SMOLLM2,
+                              eval_results=[{"task": "gsm8k", "metric": "exact_match", "value": 0.0}])
+    assert url.startswith(f"{hub.endpoint}/{REPO}/commit/")
+    assert folder_digest(student_folder) == before
+    assert hub.unknown == []
+    writes = [r for r in hub.requests if r.method == "POST"]
+    assert writes and all(r.authorization == f"Bearer {TOKEN}" for r in writes)
+    files = hub.files(REPO)
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md",
+            "red_config.json", "erank.json", RED_ERANK_FILE} <= set(files)
+
+    # load back by repo id, as a user would (anonymous: the repo is public)
+    with every_log_record() as more_records:
+        model = AutoModelForCausalLM.from_pretrained(REPO)
+    local = load_file(student_folder / "model.safetensors")
+    state = model.state_dict()
+    for name, tensor in local.items():
+        assert torch.equal(state[name], tensor), name
+    assert model.config.hidden_size == 32
+    card = ModelCard.load(REPO)
+    red = red_block(card)
+    assert card.data.base_model == SMOLLM2 and red["student_hidden_size"] == 32
+    assert red["erank"]["measured_on"] == "held-out docs" and red["erank"]["per_layer"] == RED_ERANK_FILE
+    per_layer = json.loads(open(hf_hub_download(REPO, RED_ERANK_FILE)).read())
+    erank = json.loads((student_folder / "erank.json").read_text())
+    assert per_layer["teacher"] == erank["teacher"] and per_layer["student"] == erank["history"][-1]["student"]
+    assert per_layer["measured_on"] == "held-out docs"
+
+    # the token is nowhere: not in the upload, not in a log record, not on disk
+    assert not any(TOKEN.encode() in content for content in files.values())
+    logged = [logging.Formatter().format(record) for record in records + more_records]
+    assert any("/preupload/" in line for line in logged)  # the capture works: the client logs its requests
+    assert not any(TOKEN in line for line in logged)
+    for root, _, names in os.walk(hub.home):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                assert TOKEN.encode() not in f.read(), name
+
+
+def test_push_again_is_a_no_op_and_stale_weights_go(hub, student_folder):
+    api = api_for(hub)
+    api.create_repo(REPO)
+    api.upload_file(path_or_fileobj=b"stale", path_in_repo="model-00001-of-00002.safetensors", repo_id=REPO)
+    push_compressed(student_folder, REPO, api=api)
+    assert "model-00001-of-00002.safetensors" not in hub.files(REPO)
+    commits = len(hub.repos[REPO].commits)
+    url = push_compressed(student_folder, REPO, api=api)  # same content: the client skips every file
+    assert len(hub.repos[REPO].commits) == commits and url.endswith(hub.repos[REPO].head.sha)
+
+
+def test_push_without_namespace_names_the_full_id(hub, student_folder):
+    url = push_compressed(student_folder, "tiny-red", api=api_for(hub))
+    assert url.startswith(f"{hub.endpoint}/{REPO}/commit/")
+    assert b'from_pretrained("user/tiny-red")' in hub.files(REPO)["README.md"]
+
+
+def test_push_skips_trainer_state_and_subfolders(hub, student_folder, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(student_folder, folder)
+    (folder / "training_args.bin").write_bytes(b"pickled args with hub_token=" + TOKEN.encode())
+    (folder / "checkpoint-1").mkdir()
+    (folder / "checkpoint-1" / "red_adapter_model.safetensors").write_bytes(b"adapter")
+    (folder / "README.md").write_text("an old card")
+    push_compressed(folder, REPO, api=api_for(hub), token=TOKEN)
+    files = hub.files(REPO)
+    assert "training_args.bin" not in files and not any(p.startswith("checkpoint-") for p in files)
+    assert files["README.md"].startswith(b"---\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"token": TOKEN}))
+    with pytest.raises(ValueError, match="contains the Hub token"):
+        push_compressed(folder, "user/other", api=api_for(hub), token=TOKEN)
+    assert "user/other" not in hub.repos
+
+
+def test_push_in_memory_models(hub, tokenizer, input_ids):
+    red = get_red_model(tiny_teacher("llama"), RedAdapterConfig(width_ratio=0.5), builtin_texts(8), tokenizer,
+                        show_progress_bar=False)
+    push_compressed(red, "user/from-red", api=api_for(hub), merge=True, tokenizer=tokenizer)
+    push_compressed(red.merge_and_unload(), "user/merged", api=api_for(hub), tokenizer=tokenizer)
+    for repo in ("user/from-red", "user/merged"):
+        student = AutoModelForCausalLM.from_pretrained(repo).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(student(input_ids).logits, red(input_ids).logits, rtol=0, atol=1e-5)
+        assert "tokenizer.json" in hub.files(repo)
+    assert red_block(ModelCard.load("user/from-red"))["teacher_hidden_size"] == 64
+    assert red_block(ModelCard.load("user/merged"))["teacher_hidden_size"] is None  # nothing recorded it
+
+
+def test_bad_input_fails_before_any_request(hub, tmp_path, tokenizer):
+    red = get_red_model(tiny_teacher("llama"), RedAdapterConfig(width_ratio=0.5), builtin_texts(8), tokenizer,
+                        show_progress_bar=False)
+    adapter = tmp_path / "adapter"
+    red.save_pretrained(adapter)  # a RED checkpoint: projections, not a model
+    (tmp_path / "empty").mkdir()
+    bin_only = tmp_path / "bin"
+    bin_only.mkdir()
+    (bin_only / "pytorch_model.bin").write_bytes(b"x")
+    cases = [(adapter, "adapter checkpoint"), (tmp_path / "empty", "is empty"), (tmp_path / "nope", "not a folder"),
+             (bin_only, "only PyTorch .bin"), (red, r"call merge_and_unload\(\) first")]
+    for source, match in cases:
+        with pytest.raises(ValueError, match=match):
+            push_compressed(source, REPO, api=api_for(hub), token=TOKEN)
+    with pytest.raises(TypeError, match="Expected a student folder"):
+        push_compressed(object(), REPO, api=api_for(hub))
+    with pytest.raises(Exception, match="Repo id"):
+        push_compressed(adapter, "not/a/repo", api=api_for(hub))
+    assert hub.requests == []
+
+
+def test_failed_upload_raises_clearly_and_keeps_the_folder(hub, student_folder):
+    before = folder_digest(student_folder)
+    hub.fail_commits = 1
+    with pytest.raises(HubPushError) as info:
+        push_compressed(student_folder, REPO, api=api_for(hub))
+    message = str(info.value)
+    assert REPO in message and "HTTP 500" in message and "push again" in message and "Nothing local" in message
+    assert isinstance(info.value.__cause__, HfHubHTTPError) and TOKEN not in message
+    assert folder_digest(student_folder) == before
+    assert set(hub.files(REPO)) == {".gitattributes"}  # the repo exists, nothing was committed
+    push_compressed(student_folder, REPO, api=api_for(hub))  # and pushing again works
+    assert "model.safetensors" in hub.files(REPO)
+
+
+def test_private_repo_needs_the_token(hub, student_folder):
+    push_compressed(student_folder, REPO, api=api_for(hub), private=True)
+    assert hub.repos[REPO].private
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(REPO)
+    assert AutoModelForCausalLM.from_pretrained(REPO, token=TOKEN).config.hidden_size == 32
+
+
+def test_push_command(hub, student_folder, tmp_path, monkeypatch, capsys):
+    parser = argparse.ArgumentParser()
+    add_push_arguments(parser)
+    results = tmp_path / "results.json"  # as `transformers-red eval --output` writes it
+    results.write_text(json.dumps({"table": "", "eval_results": [{"task": "arc_easy", "metric": "acc", "value": 0.4}]}))
+    args = parser.parse_args([str(student_folder), REPO, "--dry-run", "--teacher", SMOLLM2,
+                              "--eval-results", str(results)])
+    assert run_push(args) == 0
+    printed = capsys.readouterr().out
+    assert "red:" in printed and "arc_easy" in printed and hub.requests == []
+    monkeypatch.setenv("HF_TOKEN", TOKEN)  # how the CLI gets a token: never a flag
+    assert run_push(parser.parse_args([str(student_folder), REPO])) == 0
+    assert "pushed" in capsys.readouterr().out and "model.safetensors" in hub.files(REPO)
+    with pytest.raises(SystemExit, match="no model.safetensors"):
+        run_push(parser.parse_args([str(tmp_path), "user/x"]))
+
+
+def test_fake_hub_speaks_the_client_protocol(hub):
+    """The endpoints other tests rely on, through the real client: listing, paths-info, errors, whoami."""
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    api = api_for(hub)
+    assert api.whoami()["name"] == "user"
+    repo = api.create_repo("tiny")  # no namespace: the token's user
+    assert repo.repo_id == "user/tiny"
+    api.upload_file(path_or_fileobj=b"{}", path_in_repo="sub/dir/a.json", repo_id="user/tiny")
+    info = api.model_info("user/tiny")
+    assert {s.rfilename for s in info.siblings} == {".gitattributes", "sub/dir/a.json"}
+    assert api.model_info("user/tiny", revision=info.sha).sha == info.sha
+    assert [e.path for e in api.list_repo_tree("user/tiny")] == ["sub", ".gitattributes"]
+    assert api.list_repo_files("user/tiny") == [".gitattributes", "sub/dir/a.json"]
+    (entry,) = api.get_paths_info("user/tiny", ["sub/dir/a.json", "missing"])
+    assert entry.size == 2 and api.file_exists("user/tiny", "sub/dir/a.json")
+    with pytest.raises(EntryNotFoundError):
+        hf_hub_download("user/tiny", "missing.json")
+    with pytest.raises(RevisionNotFoundError):
+        hf_hub_download("user/tiny", "sub/dir/a.json", revision="f" * 40)
+    with pytest.raises(RepositoryNotFoundError):
+        api.model_info("user/none")
+    assert hub.unknown == []
