@@ -20,12 +20,19 @@ batch of `--batch-size` x `--seq-len` tokens (built-in English texts, labels = i
       chunked KL + CE, clone MSE, backward, AdamW over the projections and norm gains. Not included: gradient
       clipping, LR scheduler, data loading, logging (the rest of Trainer's inner loop).
 
-Measurements are interleaved (a, b, w, c, a, b, w, c, ...); the first `--warmup` rounds are discarded; medians
-are reported. Peak memory is the process peak RSS (`ru_maxrss`) read after each model's block, so it is
-cumulative over everything the process did before (models run tiny first, then SmolLM2).
+Measurements are interleaved (a, b, w, c, a, b, w, c, ...); the first `--warmup` rounds are discarded. The
+table gives median wall times; the same ratios are also printed from the minimum wall times and from the median
+process CPU time (`time.process_time()`, all threads), which other load on a shared machine disturbs less.
+
+Memory: "peak RSS" in the table is the process peak (`ru_maxrss`) read after each model's block, so it is
+cumulative over everything the process did before (tiny runs first, then SmolLM2) and includes the extra
+copies the benchmark holds (plain teacher, merged student and its AdamW state). Where Linux allows it, the peak
+RSS *above the resident set at the start* of each phase is also printed (VmHWM reset through
+/proc/self/clear_refs before each phase): roughly the transient memory a phase needs.
 
 `--breakdown` also times the parts of (c) separately (re-doing `compute_loss`'s steps one by one with the
-trainer's own helpers); `--profile` prints a torch.profiler table of one (c) step.
+trainer's own helpers) and a few reference pieces; `--profile` prints a torch.profiler table of one (c) step.
+`--threads N` calls torch.set_num_threads(N) (default: torch's own default, one thread per usable core).
 
     python benchmarks/step_overhead.py --models tiny
     python benchmarks/step_overhead.py --models tiny smollm2 --repeats 3 --breakdown
@@ -56,12 +63,17 @@ TARGET = 1.15  # the issue's bound on (c) / ((a) + (b) + (w)) for SmolLM2 on CPU
 
 # ------------------------------------------------------------------------------------------------ models
 def tiny_model():
-    """A tiny Llama teacher trained on English bytes, 4x bigger than the test one, and the byte tokenizer."""
-    from transformers_red.resources import byte_tokenizer, tiny_trained_teacher
+    """A tiny Llama (4 layers, d_T 256, byte vocabulary 256), random weights, and the byte tokenizer.
 
-    teacher = tiny_trained_teacher("llama", hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
-                                   num_key_value_heads=4, head_dim=32, intermediate_size=640,
-                                   max_position_embeddings=1024)
+    Bigger than the test teacher so that the matmuls are not all noise, but small enough that framework and
+    Python overhead dominate: the opposite corner from SmolLM2. The weights are random (timing does not depend
+    on their values; `tiny_trained_teacher` would only add training time).
+    """
+    from transformers_red.resources import byte_tokenizer, tiny_teacher
+
+    teacher = tiny_teacher("llama", hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+                           num_key_value_heads=4, head_dim=32, intermediate_size=640,
+                           max_position_embeddings=1024)
     return teacher, byte_tokenizer()
 
 
@@ -184,79 +196,131 @@ def make_phase_c(trainer, batch):
 
 
 # ----------------------------------------------------------------------------------------- breakdown of (c)
-def breakdown_c(trainer, batch, num_items, rounds: int) -> dict[str, float]:
-    """Median seconds of each part of one distillation step, done as `compute_loss` does it."""
+class Clock:
+    """Laps of wall and process CPU time, collected per key."""
+
+    def __init__(self):
+        self.laps: dict[str, list[tuple[float, float]]] = {}
+        self.restart()
+
+    def restart(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, key: str):
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.laps.setdefault(key, []).append((wall - self.wall, cpu - self.cpu))
+        self.wall, self.cpu = wall, cpu
+
+    def medians(self) -> dict[str, tuple[float, float]]:
+        return {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+                for k, v in self.laps.items()}
+
+
+def breakdown_c(trainer, batch, num_items, rounds: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds of each part of one distillation step, done as `compute_loss` does it."""
     from transformers_red.losses import IGNORE_INDEX, logit_loss_sums, shift_labels
 
     red, args, model = trainer.red_model, trainer.args, trainer.model
     fwd = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     labels = batch["labels"]
-    times: dict[str, list[float]] = {}
-
-    def tick(key, start):
-        now = time.perf_counter()
-        times.setdefault(key, []).append(now - start)
-        return now
-
+    clock = Clock()
     model.train()
-    for _ in range(rounds + 1):
-        t = time.perf_counter()
+    for _ in range(rounds):
+        gc.collect()
+        clock.restart()
         with trainer._teacher_pass() as (teacher, teacher_acts):
             teacher_logits = teacher(**fwd, use_cache=False).logits
-        t = tick("c1 teacher pass (wrapped, adapter off, capture)", t)
+        clock.lap("c1 teacher pass (wrapped, adapter off, capture)")
         capture = red.capture_activations() if trainer._clone_modules else contextlib.nullcontext({})
         with capture as student_acts:
             outputs = model(**fwd, use_cache=False)
-        t = tick("c2 student forward (capture)", t)
+        clock.lap("c2 student forward (forms weights, capture)")
         kd, ce, _ = logit_loss_sums(outputs.logits, teacher_logits, labels, beta=args.beta,
                                     temperature=args.temperature, chunk_size=args.loss_chunk_size)
-        t = tick("c3 logit losses forward (chunked KL + CE)", t)
+        clock.lap("c3 logit losses forward (chunked KL + CE + teacher CE)")
         token_mask = shift_labels(labels) != IGNORE_INDEX
         clone = trainer._clone_sums(student_acts, teacher_acts, token_mask)
         clone_total = sum(clone.values()) if clone else ce.new_zeros(())
-        t = tick("c4 clone MSE forward", t)
+        clock.lap("c4 clone MSE forward")
         loss = (args.ce_weight * ce + args.kd_weight * kd + args.clone_weight * clone_total) / num_items
         loss.backward()
-        t = tick("c5 backward (incl. checkpoint recompute)", t)
+        clock.lap("c5 backward (all, incl. loss checkpoint recompute)")
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
-        tick("c6 optimizer step + zero_grad", t)
+        clock.lap("c6 optimizer step + zero_grad")
         del teacher_logits, outputs, kd, ce, clone, clone_total, loss, teacher_acts, student_acts
-    return {k: statistics.median(v[1:]) for k, v in times.items()}
+    return clock.medians()
 
 
-def breakdown_extra(red, plain_teacher, student, batch, rounds: int) -> dict[str, float]:
+def breakdown_reference(trainer, plain_teacher, student, batch, rounds: int) -> dict[str, tuple[float, float]]:
     """Reference timings for reading the breakdown (not part of any ratio)."""
-    from transformers_red.losses import logit_loss_sums
+    from transformers_red import losses
 
+    red, args = trainer.red_model, trainer.args
     fwd = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    times: dict[str, list[float]] = {}
-    for _ in range(rounds + 1):
-        t = time.perf_counter()
+    labels = batch["labels"]
+    targets = losses.shift_labels(labels).reshape(-1)
+    clock = Clock()
+    student.train()
+    for _ in range(rounds):
+        gc.collect()
+        clock.restart()
         with torch.no_grad():
             teacher_logits = plain_teacher(**fwd, use_cache=False).logits
-        times.setdefault("r1 plain teacher forward", []).append(time.perf_counter() - t)
-        t = time.perf_counter()
+        clock.lap("r1 plain teacher forward (= a)")
         with torch.no_grad(), red.disable_adapter():
-            red(**fwd, use_cache=False).logits
-        times.setdefault("r2 wrapped teacher forward, no capture", []).append(time.perf_counter() - t)
-        t = time.perf_counter()
+            red(**fwd, use_cache=False)
+        clock.lap("r2 wrapped teacher forward, adapter off, no capture")
         out = student(**fwd, use_cache=False)
-        times.setdefault("r3 merged student forward (grad on, no loss)", []).append(time.perf_counter() - t)
+        clock.lap("r3 merged student forward, grad on, no loss")
+        del out
+        gc.collect()
+        clock.restart()
+        with red.capture_activations():
+            out = red(**fwd, use_cache=False)
+        clock.lap("r3b RED student forward, grad on, capture (= c2)")
         logits = out.logits.detach().requires_grad_(True)
-        t = time.perf_counter()
-        kd, ce, _ = logit_loss_sums(logits, teacher_logits, batch["labels"], chunk_size=1024)
+        del out
+        gc.collect()
+        clock.restart()
+        kd, ce, _ = losses.logit_loss_sums(logits, teacher_logits, labels, chunk_size=args.loss_chunk_size)
         (kd + ce).backward()
-        times.setdefault("r4 logit losses fwd+bwd alone (KL+CE, on student logits)", []).append(
-            time.perf_counter() - t)
-        t = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1])[:-1],
-                                                 batch["labels"].reshape(-1)[1:])
-        loss.backward()
-        times.setdefault("r5 plain CE fwd+bwd alone (for comparison)", []).append(time.perf_counter() - t)
-        del teacher_logits, out, logits, kd, ce, loss
+        clock.lap("r4 logit losses fwd+bwd as in (c) (checkpointed chunks)")
+        logits.grad = None
+        vocab = logits.shape[-1]
+        flat_s, flat_t = logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+        total = torch.zeros(3)
+        for start in range(0, targets.numel(), args.loss_chunk_size):
+            part = slice(start, start + args.loss_chunk_size)
+            total = total + losses._chunk_sums(flat_s[part], flat_t[part], targets[part], args.beta,
+                                                 args.temperature)
+        (total[0] + total[1]).backward()
+        clock.lap("r4b same losses fwd+bwd without checkpoint")
+        logits.grad = None
+        del total
+        ce_plain = torch.nn.functional.cross_entropy(flat_s.float(), targets, ignore_index=-100)
+        ce_plain.backward()
+        clock.lap("r5 plain CE fwd+bwd alone (what (b) pays for its loss)")
+        logits.grad = None
+        del ce_plain, kd, ce, logits, teacher_logits, flat_s, flat_t
+        if trainer._clone_modules:
+            with torch.no_grad():
+                with trainer._teacher_pass() as (teacher, t_acts):
+                    teacher(**fwd, use_cache=False)
+                with red.capture_activations() as s_acts:
+                    red(**fwd, use_cache=False)
+            s_acts = {k: v.detach().requires_grad_(True) for k, v in s_acts.items()}
+            mask = losses.shift_labels(labels) != losses.IGNORE_INDEX
+            gc.collect()
+            clock.restart()
+            clone = trainer._clone_sums(s_acts, t_acts, mask)
+            sum(clone.values()).backward()
+            clock.lap("r6 clone MSE fwd+bwd alone (7 terms x layers)")
+            for p in red.trainable_parameters():
+                p.grad = None
+            del s_acts, t_acts, clone
         student.zero_grad(set_to_none=True)
-    return {k: statistics.median(v[1:]) for k, v in times.items()}
+    return clock.medians()
 
 
 def profile_c(phase_c, row_limit: int) -> None:
@@ -269,7 +333,44 @@ def profile_c(phase_c, row_limit: int) -> None:
 
 # --------------------------------------------------------------------------------------------------- run
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    """Process peak RSS so far (ru_maxrss, KiB on Linux), GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def timed(fn, track_memory: bool) -> tuple[float, float, float | None]:
+    """Run fn once: (wall s, process CPU s over all threads, peak RSS above the RSS at start in GiB or None).
+
+    The RSS increment uses VmHWM reset just before the call; it counts memory the call touches beyond what was
+    already resident, so freed-and-reused allocator memory is not counted twice.
+    """
+    gc.collect()
+    rss0 = _status_kib("VmRSS") if track_memory and reset_hwm() else None
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    fn()
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    hwm = _status_kib("VmHWM") if rss0 is not None else None
+    return wall, cpu, None if hwm is None else max(hwm - rss0, 0) / 2**20
 
 
 def run_model(name: str, args) -> dict:
@@ -310,27 +411,34 @@ def run_model(name: str, args) -> dict:
           f"num_items_in_batch={int(num_items)} | clone terms={list(trainer._clone_modules)}", flush=True)
 
     times: dict[str, list[float]] = {k: [] for k in phases}
+    cpu: dict[str, list[float]] = {k: [] for k in phases}
+    mem: dict[str, list[float]] = {k: [] for k in phases}
+    load0 = os.getloadavg()
     rounds = args.warmup + args.repeats
     for r in range(rounds):
         line = []
         for key, fn in phases.items():
-            gc.collect()
-            start = time.perf_counter()
-            fn()
-            elapsed = time.perf_counter() - start
+            wall, cpu_s, extra = timed(fn, track_memory=True)
             if r >= args.warmup:
-                times[key].append(elapsed)
-            line.append(f"{key}={elapsed:.3f}s")
-        print(f"  round {r + 1}/{rounds}{' (warmup)' if r < args.warmup else ''}: {' '.join(line)}", flush=True)
+                times[key].append(wall)
+                cpu[key].append(cpu_s)
+                if extra is not None:
+                    mem[key].append(extra)
+            line.append(f"{key}={wall:.3f}s/{cpu_s:.2f}cpu")
+        print(f"  round {r + 1}/{rounds}{' (warmup)' if r < args.warmup else ''}: {' '.join(line)} "
+              f"| load {os.getloadavg()[0]:.1f}", flush=True)
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    result = {"model": name, "med": med, "times": times, "tokens": args.batch_size * args.seq_len,
-              "rss": peak_rss_gib()}
+    result = {"model": name, "med": {k: statistics.median(v) for k, v in times.items()},
+              "min": {k: min(v) for k, v in times.items()},
+              "cpu": {k: statistics.median(v) for k, v in cpu.items()},
+              "mem": {k: max(v) for k, v in mem.items() if v}, "times": times,
+              "tokens": args.batch_size * args.seq_len, "rss": peak_rss_gib(),
+              "load": (load0[0], os.getloadavg()[0])}
 
     if args.breakdown:
-        print(f"  breakdown of (c), {args.breakdown_rounds} rounds after 1 warmup ...", flush=True)
+        print(f"  breakdown of (c) and reference timings, {args.breakdown_rounds} rounds ...", flush=True)
         result["breakdown"] = breakdown_c(trainer, batch, num_items, args.breakdown_rounds)
-        result["reference"] = breakdown_extra(red, plain_teacher, student, batch, args.breakdown_rounds)
+        result["reference"] = breakdown_reference(trainer, plain_teacher, student, batch, args.breakdown_rounds)
         result["rss"] = peak_rss_gib()
     if args.profile:
         print(f"  torch.profiler, one (c) step of {name} (top {args.profile_rows} ops by self CPU time):")
@@ -342,8 +450,8 @@ def run_model(name: str, args) -> dict:
 
 
 def print_results(results: list[dict], args) -> None:
-    print(f"\n=== Results: batch {args.batch_size} x {args.seq_len} tokens, median of {args.repeats} rounds "
-          f"after {args.warmup} warmup, seconds ===")
+    print(f"\n=== Results: batch {args.batch_size} x {args.seq_len} tokens; median wall seconds of {args.repeats} "
+          f"interleaved rounds after {args.warmup} warmup ===")
     header = (f"{'model':<8} {'(a) teach':>9} {'(b) stud':>9} {'(w) form':>9} {'(c) RED':>9} "
               f"{'c/(a+b+w)':>10} {'c/(a+b)':>8} {'tok/s (c)':>10} {'peak RSS':>9}")
     print(header)
@@ -354,23 +462,35 @@ def print_results(results: list[dict], args) -> None:
         print(f"{res['model']:<8} {m['a']:>9.3f} {m['b']:>9.3f} {m['w']:>9.3f} {m['c']:>9.3f} "
               f"{ratio:>10.3f} {ratio_ab:>8.3f} {res['tokens'] / m['c']:>10.0f} {res['rss']:>7.2f} G")
     print("peak RSS: process ru_maxrss after the model's block (cumulative over the process so far).")
+    for label, key in (("minimum wall seconds", "min"), ("median process CPU seconds (all threads)", "cpu")):
+        print(f"\nSame ratios from the {label} (less sensitive to other load on the machine):")
+        for res in results:
+            m = res[key]
+            print(f"{res['model']:<8} a={m['a']:.3f} b={m['b']:.3f} w={m['w']:.3f} c={m['c']:.3f} "
+                  f"c/(a+b+w)={m['c'] / (m['a'] + m['b'] + m['w']):.3f} c/(a+b)={m['c'] / (m['a'] + m['b']):.3f}")
+    print()
     for res in results:
         spread = {k: f"{min(v):.3f}-{max(v):.3f}" for k, v in res["times"].items()}
-        print(f"{res['model']}: min-max per phase {spread}")
+        print(f"{res['model']}: wall min-max per phase {spread}; load average {res['load'][0]:.1f} at start, "
+              f"{res['load'][1]:.1f} at end")
+        if res["mem"]:
+            print(f"{res['model']}: peak RSS above the resident set at the phase's start, GiB (max over rounds): "
+                  + ", ".join(f"{k}={v:.2f}" for k, v in res["mem"].items()))
         if res["model"] == "smollm2":
             m = res["med"]
             ratio = m["c"] / (m["a"] + m["b"] + m["w"])
             verdict = "MET" if ratio <= TARGET else "MISSED"
-            print(f"target c/(a+b+w) <= {TARGET} for smollm2: {verdict} ({ratio:.3f})")
+            print(f"target c/(a+b+w) <= {TARGET} for smollm2 (median wall): {verdict} ({ratio:.3f})")
     for res in results:
         if "breakdown" in res:
-            total = sum(res["breakdown"].values())
-            print(f"\n{res['model']}: breakdown of (c) (median s; sum {total:.3f} vs (c) {res['med']['c']:.3f})")
-            for key, value in res["breakdown"].items():
-                print(f"  {key:<58} {value:>8.3f}  {100 * value / total:5.1f}%")
-            print(f"{res['model']}: reference timings (median s)")
-            for key, value in res["reference"].items():
-                print(f"  {key:<58} {value:>8.3f}")
+            total = sum(w for w, _ in res["breakdown"].values())
+            print(f"\n{res['model']}: breakdown of (c), median wall s / CPU s "
+                  f"(sum {total:.3f} vs (c) {res['med']['c']:.3f})")
+            for key, (wall, cpu_s) in res["breakdown"].items():
+                print(f"  {key:<62} {wall:>8.3f} {cpu_s:>8.2f}  {100 * wall / total:5.1f}%")
+            print(f"{res['model']}: reference timings, median wall s / CPU s")
+            for key, (wall, cpu_s) in res["reference"].items():
+                print(f"  {key:<62} {wall:>8.3f} {cpu_s:>8.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--breakdown-rounds", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of one (c) step")
     parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: leave torch's default, one per usable core)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
@@ -392,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     import trl
 
     transformers.logging.set_verbosity_error()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"python {sys.version.split()[0]} | torch {torch.__version__} | transformers {transformers.__version__} "

@@ -257,8 +257,9 @@ class RedDistillationTrainer(SFTTrainer):
         if not torch.isfinite(loss):
             last = last_complete_checkpoint(args.output_dir)
             raise FloatingPointError(
-                f"Non-finite distillation loss ({loss.item()}) at step {self.state.global_step + 1}: ce={ce.item()}, "
-                f"kd={kd.item()}, clone={float(clone_total)}. The last good checkpoint is "
+                f"Non-finite distillation loss ({float(loss.detach())}) at step {self.state.global_step + 1}: "
+                f"ce={float(ce.detach())}, kd={float(kd.detach())}, clone={float(clone_total.detach())}. "
+                "The last good checkpoint is "
                 f"{last or 'none (nothing was saved yet)'}; lower the learning rate or check the data, then resume "
                 "with train(resume_from_checkpoint=True).")
         self._log_components(mode, local_tokens, ce, kd, teacher_ce, clone, inputs)
