@@ -1,7 +1,9 @@
 """Shared fixtures. Everything runs offline: no model hub is ever contacted."""
 
+import atexit
 import importlib.util
 import os
+import shutil
 import tempfile
 
 # Before transformers / huggingface_hub are imported anywhere.
@@ -9,6 +11,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf_home_")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
