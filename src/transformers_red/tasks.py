@@ -2,30 +2,31 @@
 
 Variable-binding chains
 -----------------------
-A problem binds single-letter variables to small numbers and asks for one of them::
+A problem binds single-letter variables and asks for one of them; the model writes every intermediate value
+(GSM8K-calculator style, one equation per step) and the final answer after ``#``::
 
-    prompt   p=42;t=9;x=p+7;k=x*2;?k
-    target    => x=42+7=49;k=49*2=98;#98
-    text     p=42;t=9;x=p+7;k=x*2;?k => x=42+7=49;k=49*2=98;#98<eos>
+    hops=2   prompt  e=1;d=e*2;s=d-1;?s
+             target   => 1*2=2;2-1=1;#1
+             text    e=1;d=e*2;s=d-1;?s => 1*2=2;2-1=1;#1<eos>     (format_example; <eos> = end marker)
+    hops=3   h=8;f=h+1;g=f-1;x=g+1;?x => 8+1=9;9-1=8;8+1=9;#9
+    hops=0   x=8;?x => #8                                            (the control task)
 
-* The *hop count* ``h`` is the number of composition steps the answer needs: the queried variable sits at
-  the end of a chain ``base -> v1 -> ... -> vh`` where each ``vi = v(i-1) <op> c``. ``h = 0`` is the
-  control task: the query names one of the constants directly (a single lookup / copy, no arithmetic)::
+* The *hop count* ``h`` is the number of composition steps the answer needs: the queried variable is the
+  end of a chain ``base -> v1 -> ... -> vh`` with ``vi = v(i-1) <op> c``; each step needs the value the
+  previous one produced, so there are exactly ``h`` sequential compositions. ``h = 0`` is the control task:
+  the query names the constant itself, a single copy with no composition (``u=4;?u => #4``).
+* Operations: ``+c`` and ``-c`` (``c`` in 1..9) and ``*2``. Values stay in 0..``max_value`` (9 for the
+  shipped task: every step is a one-digit fact, learnable by a small model in minutes); an operation that
+  would leave the range is never drawn, so there is no wrap-around.
+* Variable names are random distinct lowercase letters; the bindings are listed in chain order.
+* Rationale styles (``rationale=``): ``"values"`` (default, ``5+4=9;``), ``"explicit"`` (``a=5+4=9;``),
+  ``"compact"`` (``a=9;``). The final answer always follows the last ``#``.
+* Distractors (``distractors=(min, max)``): unused constant bindings placed, shuffled, among the constants
+  before the chain, so the base must be found by name (``z=3;o=5;a=o+4;?a``). Off by default: in our
+  CPU-budget experiments (docs/reasoning_teacher.md) a 0.8M-parameter model did not learn name-based lookup
+  in a 10-15 minute budget, while the distractor-free chains are solved almost perfectly.
 
-    h=0   n=5;q=61;?n => #5
-    h=1   g=7;j=g-3;c=30;?j => j=7-3=4;#4
-
-* The rationale (GSM8K style) writes one ``var=operand<op>c=value`` step per hop, in chain order, then the
-  final answer after ``#``. Every step needs the value produced by the previous one, so the number of
-  sequential compositions equals the hop count.
-* Operations: ``+c`` and ``-c`` with ``c`` in 1..9, and ``*2``; values always stay in 0..99 (an operation
-  that would leave the range is never drawn), so every step is a small, learnable digit operation.
-* Distractors: 1 or 2 extra constant bindings (``t=9`` above) are placed at random positions, so even the
-  first step needs a real lookup of the base variable among several constants. Distractors are
-  constants only (never derived), so the derived bindings, read in prompt order, are exactly the chain;
-  the variable letters are random and distinct.
-
-Generation is deterministic for a seed (``random.Random`` seeded with a string, which does not depend on
+Generation is deterministic for a seed (``random.Random`` seeded with a string, independent of
 ``PYTHONHASHSEED``). :func:`evaluate_model` scores greedy generations by exact match of the final ``#N``,
 per hop count.
 
@@ -54,6 +55,10 @@ __all__ = [
     "UNK_TOKEN",
     "TASK_CHARACTERS",
     "MAX_VALUE",
+    "DISTRACTORS",
+    "RATIONALE",
+    "RATIONALES",
+    "HOPS",
     "Problem",
     "generate_problem",
     "generate_problems",
@@ -66,6 +71,7 @@ __all__ = [
     "evaluate_model",
     "reasoning_teacher_dir",
     "load_reasoning_teacher",
+    "teacher_report",
 ]
 
 PAD_TOKEN = "<pad>"
@@ -76,12 +82,12 @@ END_MARKER = EOS_TOKEN  # the text that ends every training example (tokenised t
 
 # Characters of the task, plus a few spare punctuation marks (so slightly different formats still tokenise).
 TASK_CHARACTERS = string.digits + string.ascii_lowercase + "=;?+-*#> " + "(),.:/\n"
-MAX_VALUE = 99  # every value, constant and intermediate, lies in 0..MAX_VALUE
-DISTRACTORS = (1, 2)  # (min, max) unused constant bindings per problem
-RATIONALE = "explicit"
-RATIONALES = ("compact", "explicit", "full", "values")
+# Defaults = the task the shipped teacher was trained on.
+MAX_VALUE = 9  # every value, constant and intermediate, lies in 0..MAX_VALUE
+DISTRACTORS = (0, 0)  # (min, max) unused constant bindings per problem
+RATIONALE = "values"  # "7+5=12;" per step; see RATIONALES
+RATIONALES = ("values", "explicit", "compact")
 HOPS = range(0, 7)  # hop counts of the shipped teacher
-_OPERATIONS = ("+", "-", "*")  # "+c", "-c" (c in 1..9) and "*2"
 _ANSWER_RE = re.compile(r"#(\d+)\s*$")
 
 
@@ -131,9 +137,10 @@ def generate_problem(rng: random.Random, hops: int, distractors: tuple[int, int]
                      max_value: int = MAX_VALUE, rationale: str = RATIONALE) -> Problem:
     """One problem with ``hops`` composition steps, drawn from ``rng``.
 
-    ``distractors`` is the (min, max) number of unused constant bindings; for ``hops == 0`` at least one is
-    always added, so the control task is a lookup among at least two constants. Values lie in
-    0..``max_value``. ``rationale`` is ``"compact"`` (``b=12;``) or ``"explicit"`` (``b=7+5=12;``).
+    ``distractors`` is the (min, max) number of unused constant bindings, shuffled with the base constant
+    before the derived bindings (default none: the hop-0 control is then a copy of the only constant).
+    Values lie in 0..``max_value``. ``rationale`` is ``"values"`` (``7+5=12;`` per step), ``"explicit"``
+    (``b=7+5=12;``) or ``"compact"`` (``b=12;``); the final answer follows ``#``.
     """
     lo, hi = distractors
     if hops < 0:
@@ -145,8 +152,6 @@ def generate_problem(rng: random.Random, hops: int, distractors: tuple[int, int]
     if max_value < 2:
         raise ValueError(f"max_value must be >= 2, got {max_value}")
     n_distractors = rng.randint(lo, hi)
-    if hops == 0:
-        n_distractors = max(1, n_distractors)
     n_vars = hops + 1 + n_distractors
     if n_vars > len(string.ascii_lowercase):
         raise ValueError(f"{hops} hops with {n_distractors} distractors need more than 26 variables")
@@ -158,9 +163,7 @@ def generate_problem(rng: random.Random, hops: int, distractors: tuple[int, int]
     for i in range(1, hops + 1):
         op, c, result = _step(rng, values[-1], max_value)
         derived.append(f"{chain[i]}={chain[i - 1]}{op}{c}")
-        if rationale == "full":
-            steps.append(f"{chain[i]}={chain[i - 1]}{op}{c}={values[-1]}{op}{c}={result};")
-        elif rationale == "values":
+        if rationale == "values":
             steps.append(f"{values[-1]}{op}{c}={result};")
         elif rationale == "explicit":
             steps.append(f"{chain[i]}={values[-1]}{op}{c}={result};")
@@ -187,11 +190,18 @@ def generate_problems(n: int, hops: int, seed: int = 0, **task) -> list[Problem]
     return [generate_problem(rng, hops, **task) for _ in range(n)]
 
 
-def generate_mixed_problems(n: int, hops: Sequence[int] | range = HOPS, seed: int = 0, **task) -> list[Problem]:
-    """``n`` problems whose hop counts are drawn uniformly from ``hops`` (for training); deterministic."""
+def generate_mixed_problems(n: int, hops: Sequence[int] | range = HOPS, seed: int = 0,
+                            weights: Sequence[float] | None = None, **task) -> list[Problem]:
+    """``n`` problems whose hop counts are drawn from ``hops`` (uniformly, or with relative ``weights``).
+
+    For training; deterministic given the arguments. ``task`` keywords go to :func:`generate_problem`.
+    """
     hops = list(hops)
+    if weights is not None and len(weights) != len(hops):
+        raise ValueError(f"{len(weights)} weights for {len(hops)} hop counts")
     rng = random.Random(f"red-chain-mixed/{seed}")
-    return [generate_problem(rng, rng.choice(hops), **task) for _ in range(n)]
+    drawn = [rng.choice(hops) for _ in range(n)] if weights is None else rng.choices(hops, weights, k=n)
+    return [generate_problem(rng, h, **task) for h in drawn]
 
 
 def format_example(problem: Problem) -> str:
@@ -219,7 +229,7 @@ def score_answer(generated_text: str, problem: Problem) -> bool:
 
 # --------------------------------------------------------------------------- tokenizer
 def build_task_tokenizer():
-    """A character-level ``PreTrainedTokenizerFast`` for the task (57 ids).
+    """A character-level ``PreTrainedTokenizerFast`` for the task (56 ids).
 
     Ids 0..3 are ``<pad>``, ``<bos>``, ``<eos>``, ``<unk>``, then one id per character of
     :data:`TASK_CHARACTERS` (digits, lowercase letters, ``=;?+-*#> ``, a few spare marks). A ``<bos>`` is
@@ -262,12 +272,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     end marker). (A hand-written greedy loop was measured no faster for these tiny models.)
     """
     device = next(model.parameters()).device
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = old_side
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
     input_ids = enc["input_ids"].to(device)
     attention_mask = enc["attention_mask"].to(device)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -288,8 +293,9 @@ def evaluate_model(model, tokenizer, problems: Iterable[Problem], batch_size: in
     """Greedy exact-match accuracy of the final ``#N``, per hop count: ``{hops: accuracy}``.
 
     Problems are batched by hop count (similar lengths, little padding). ``max_new_tokens`` defaults to the
-    longest reference target of the batch plus 8 tokens (a longer continuation cannot be an exact rationale
-    and is cut). With ``return_outputs=True`` returns ``(accuracy, outputs)`` where ``outputs`` lists
+    length in characters (= tokens of the task tokenizer) of the longest reference target of the batch plus
+    9, enough for the reference rationale, the answer and the end marker. With ``return_outputs=True``
+    returns ``(accuracy, outputs)`` where ``outputs`` lists
     ``(problem, generated_text, correct)`` in input order.
     """
     problems = list(problems)

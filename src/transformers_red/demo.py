@@ -1,0 +1,169 @@
+"""`transformers-red demo`: RED vs random-init (LRC) students of the embedded chain-reasoning teacher.
+
+Loads the packaged teacher, builds 50 %-width students with `init="activation"` (RED, tau = 1) and
+`init="random"` (LRC, tau = 40 and tau = 1) (optionally `"orthogonal"`), distils each with
+`RedDistillationTrainer` for the same steps on the same data, merges, and evaluates teacher and students on
+held-out problems per hop count and on per-layer eRank. Prints a table; writes `results.json` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import torch
+
+from .erank import layerwise_effective_rank, projection_spectra
+from .red_config import RedConfig
+from .red_trainer import RedDistillationTrainer
+from .tasks import HOPS, evaluate_model, generate_mixed_problems, generate_problems, load_reasoning_teacher
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One student recipe."""
+
+    name: str
+    init: str
+    temperature: float
+
+
+VARIANTS = {
+    "red": Variant("RED (activation, tau=1)", "activation", 1.0),
+    "lrc40": Variant("LRC (random, tau=40)", "random", 40.0),
+    "lrc1": Variant("LRC (random, tau=1)", "random", 1.0),
+    "orth": Variant("orthogonal, tau=1", "orthogonal", 1.0),
+}
+
+
+def _spectrum_summary(red: Any) -> dict[str, Any]:
+    spectra = projection_spectra(red)
+    values = sorted(v for s in spectra.values() for v in s["singular_values"])
+    return {"min": values[0], "max": values[-1], "median": values[len(values) // 2],
+            "mean_erank": statistics.fmean(s["erank"] for s in spectra.values()),
+            "example": next(iter(spectra.values()))["singular_values"]}
+
+
+def _measure(model: Any, tokenizer: Any, problems: list, erank_texts: list[str]) -> dict[str, Any]:
+    accuracy = evaluate_model(model, tokenizer, problems)
+    erank = layerwise_effective_rank(model, erank_texts, tokenizer, max_length=128)
+    return {"accuracy": {str(h): a for h, a in accuracy.items()}, "erank": erank,
+            "mean_erank": statistics.fmean(erank)}
+
+
+def distil_variant(variant: Variant, *, teacher_dir: str | None, train_texts: list[str], problems: list,
+                   erank_texts: list[str], width_ratio: float, steps: int, seed: int, batch_size: int,
+                   learning_rate: float, show_progress: bool, step0: bool = False) -> dict[str, Any]:
+    """Build, distil, merge and measure one student; returns its numbers."""
+    teacher, tokenizer = load_reasoning_teacher(teacher_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = RedConfig(output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size,
+                         learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
+                         temperature=variant.temperature, init=variant.init, width_ratio=width_ratio, seed=seed,
+                         max_length=128, report_to=[], save_strategy="no", logging_steps=max(1, steps // 10),
+                         disable_tqdm=not show_progress, use_cpu=not torch.cuda.is_available())
+        trainer = RedDistillationTrainer(model=teacher, args=args, processing_class=tokenizer,
+                                         train_dataset=datasets.Dataset.from_dict({"text": train_texts}))
+        result: dict[str, Any] = {"name": variant.name, "init": variant.init, "temperature": variant.temperature,
+                                  "seed": seed, "spectrum_init": _spectrum_summary(trainer.red_model)}
+        if step0:
+            result["step0"] = _measure(trainer.red_model.merge_and_unload(), tokenizer, problems, erank_texts)
+        started = time.perf_counter()
+        trainer.train()
+        result["train_seconds"] = time.perf_counter() - started
+        result["losses"] = [{k: v for k, v in h.items() if k in ("step", "loss", "kd_loss", "ce_loss", "clone_loss")}
+                            for h in trainer.state.log_history if "kd_loss" in h]
+        result["spectrum_end"] = _spectrum_summary(trainer.red_model)
+        student = trainer.red_model.merge_and_unload()
+    result.update(_measure(student, tokenizer, problems, erank_texts))
+    result["student_hidden_size"] = student.config.hidden_size
+    return result
+
+
+def run_demo(*, teacher_dir: str | None = None, data: str | None = None, output_dir: str | None = None, width_ratio: float = 0.5,
+             steps: int = 300, seeds: tuple[int, ...] = (0,), variants: tuple[str, ...] = ("red", "lrc40", "lrc1"),
+             eval_per_hop: int = 50, train_samples: int = 4000, batch_size: int = 32, learning_rate: float = 2e-3,
+             step0: bool = False, plots: bool = True, show_progress: bool = True) -> dict[str, Any]:
+    """Run the comparison and return every number; writes `results.json` (and plots) into `output_dir`."""
+    started = time.perf_counter()
+    output_dir = output_dir or time.strftime("red-demo-%Y%m%d-%H%M%S")
+    os.makedirs(output_dir, exist_ok=True)
+    teacher, tokenizer = load_reasoning_teacher(teacher_dir)
+    problems = [p for hops in HOPS for p in generate_problems(eval_per_hop, hops, seed=10_000)]
+    erank_texts = [p.text for p in problems[:: max(1, len(problems) // 64)]][:64]
+    report: dict[str, Any] = {"settings": {"width_ratio": width_ratio, "steps": steps, "seeds": list(seeds),
+                                           "eval_per_hop": eval_per_hop, "batch_size": batch_size,
+                                           "learning_rate": learning_rate, "train_samples": train_samples},
+                              "teacher": {**_measure(teacher, tokenizer, problems, erank_texts),
+                                          "hidden_size": teacher.config.hidden_size}, "students": []}
+    user_texts = None
+    if data is not None:  # the user's own texts: train on them, measure eRank on the last 64
+        from .distill import DistillScriptArguments, load_texts
+
+        user_texts = load_texts(DistillScriptArguments(dataset_path=data, num_train_samples=train_samples), "text")["text"]
+        erank_texts = user_texts[-64:]
+        report["settings"]["data"] = data
+    for seed in seeds:
+        train_texts = user_texts or [p.text for p in generate_mixed_problems(train_samples, seed=seed)]
+        for key in variants:
+            report["students"].append(distil_variant(
+                VARIANTS[key], teacher_dir=teacher_dir, train_texts=train_texts, problems=problems,
+                erank_texts=erank_texts, width_ratio=width_ratio, steps=steps, seed=seed, batch_size=batch_size,
+                learning_rate=learning_rate, show_progress=show_progress, step0=step0))
+    report["wall_seconds"] = time.perf_counter() - started
+    with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    if plots:
+        from .plots import plot_demo
+
+        report["plots"] = plot_demo(report, output_dir)
+    return report
+
+
+def format_demo(report: dict[str, Any]) -> str:
+    """The accuracy-per-hop and eRank table."""
+    hops = list(report["teacher"]["accuracy"])
+    rows = [("teacher", report["teacher"])] + [(f"{s['name']} s{s['seed']}", s) for s in report["students"]]
+    width = max(len(name) for name, _ in rows) + 2
+    header = "model".ljust(width) + "".join(f"hop {h:>2} " for h in hops) + " mean eRank"
+    lines = [header, "-" * len(header)]
+    for name, r in rows:
+        lines.append(name.ljust(width) + "".join(f"{100 * r['accuracy'][h]:6.1f} " for h in hops)
+                     + f"{r['mean_erank']:11.2f}")
+    s = report["settings"]
+    lines.append(f"\nexact-match accuracy (%) on {s['eval_per_hop']} held-out problems per hop; students at "
+                 f"{s['width_ratio']:.0%} width after {s['steps']} steps; wall time {report['wall_seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def cli_demo(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="transformers-red demo", description=__doc__)
+    parser.add_argument("--teacher", default=None, help="Teacher folder (default: the embedded one).")
+    parser.add_argument("--data", default=None, help="Train on this .txt/.jsonl file instead of generated problems.")
+    parser.add_argument("--output-dir", default=None, help="Where results.json and plots go.")
+    parser.add_argument("--width-ratio", type=float, default=0.5)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--variants", nargs="+", default=["red", "lrc40", "lrc1"], choices=list(VARIANTS))
+    parser.add_argument("--eval-per-hop", type=int, default=50)
+    parser.add_argument("--train-samples", type=int, default=4000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--step0", action="store_true", help="Also evaluate every student before training.")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    report = run_demo(teacher_dir=args.teacher, data=args.data, output_dir=args.output_dir, width_ratio=args.width_ratio,
+                      steps=args.steps, seeds=tuple(args.seeds), variants=tuple(args.variants),
+                      eval_per_hop=args.eval_per_hop, train_samples=args.train_samples, batch_size=args.batch_size,
+                      learning_rate=args.learning_rate, step0=args.step0, plots=not args.no_plots,
+                      show_progress=not args.quiet)
+    print(format_demo(report))
+    return 0

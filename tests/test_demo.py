@@ -1,0 +1,21 @@
+"""The demo end to end in a reduced mode: table, results.json and the three plots."""
+
+import json
+
+from transformers_red.demo import format_demo, run_demo
+
+
+def test_demo_reduced_mode(tmp_path):
+    report = run_demo(output_dir=str(tmp_path), steps=2, eval_per_hop=2, train_samples=64, batch_size=8,
+                      variants=("red", "lrc40"), step0=True, show_progress=False)
+    table = format_demo(report)
+    assert "teacher" in table and "RED (activation, tau=1)" in table and "LRC (random, tau=40)" in table
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [s["init"] for s in saved["students"]] == ["activation", "random"]
+    assert set(saved["teacher"]["accuracy"]) == {str(h) for h in range(7)}
+    red = saved["students"][0]
+    assert red["student_hidden_size"] == saved["teacher"]["hidden_size"] // 2
+    assert red["spectrum_init"]["min"] > 0.999 and red["spectrum_init"]["max"] < 1.001  # selection matrices
+    assert "step0" in red and len(red["erank"]) == len(saved["teacher"]["erank"])
+    for name in ("accuracy_per_hop.png", "erank_per_layer.png", "projection_spectra.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
