@@ -46,6 +46,7 @@ import copy
 import gc
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -446,6 +447,7 @@ def run_model(name: str, args) -> dict:
 
     del trainer, red, student, plain_teacher, teacher, phases
     gc.collect()
+    shutil.rmtree(out_dir, ignore_errors=True)
     return result
 
 
