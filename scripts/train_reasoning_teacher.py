@@ -17,7 +17,6 @@ See docs/reasoning_teacher.md.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -38,6 +37,7 @@ import transformers  # noqa: E402
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from transformers_red.tasks import (  # noqa: E402
+    weights_digest,
     DISTRACTORS,
     MAX_VALUE,
     RATIONALE,
@@ -129,14 +129,6 @@ def lr_at(step: int, args) -> float:
     return args.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def state_digest(model) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.eval_seed == args.seed:
@@ -222,7 +214,7 @@ def main(argv=None) -> dict:
         "held_out_accuracy": {str(h): a for h, a in accuracy.items()},
         "history": history,
         "final_loss": round(running, 5),
-        "weights_sha256": state_digest(save_model),
+        "weights_sha256": weights_digest(save_model),
         "environment": {
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "device": str(device), "threads": args.threads,

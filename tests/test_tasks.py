@@ -1,12 +1,12 @@
 """The variable-binding chain task family and the embedded reasoning teacher (transformers_red.tasks)."""
 
-import hashlib
 import re
 
 import pytest
 import torch
 
 from transformers_red.tasks import (
+    weights_digest,
     END_MARKER,
     MAX_VALUE,
     RATIONALES,
@@ -53,15 +53,6 @@ def execute(prompt: str) -> tuple[int, int, list[int]]:
         return result, depth + 1, chain + [result]
 
     return value(query[1])
-
-
-def _state_digest(model) -> str:
-    """sha256 over the sorted state dict, as scripts/train_reasoning_teacher.py computes it."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def rationale_results(target: str) -> list[int]:
@@ -218,7 +209,7 @@ def test_teacher_loads_offline_and_reaches_its_reported_accuracy(teacher):
     assert isinstance(model, LlamaForCausalLM) and not model.training
     assert model.config.tie_word_embeddings and model.config.num_key_value_heads < model.config.num_attention_heads
     assert sum(p.numel() for p in model.parameters()) == report["parameters"]
-    assert _state_digest(model) == report["weights_sha256"]  # the shipped weights are the reported ones
+    assert weights_digest(model) == report["weights_sha256"]  # the shipped weights are the reported ones
     task = {**report["task"], "distractors": tuple(report["task"]["distractors"])}
     hops = report["hops"]
     checked = [hops[0], hops[len(hops) // 2], hops[-1]]

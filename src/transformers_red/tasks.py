@@ -36,6 +36,7 @@ on this family by ``scripts/train_reasoning_teacher.py``; see ``docs/reasoning_t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -357,6 +358,15 @@ def load_reasoning_teacher(folder: str | Path | None = None, device: str | torch
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kwargs).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return model, tokenizer
+
+
+def weights_digest(model) -> str:
+    """sha256 over the sorted state dict (float32 bytes): the `weights_sha256` of `training_report.json`."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def teacher_report(folder: str | Path | None = None) -> dict:
