@@ -219,7 +219,7 @@ class Clock:
 
 def breakdown_c(trainer, batch, num_items, rounds: int) -> dict[str, tuple[float, float]]:
     """Median (wall, CPU) seconds of each part of one distillation step, done as `compute_loss` does it."""
-    from transformers_red.losses import IGNORE_INDEX, logit_loss_sums, shift_labels
+    from transformers_red.losses import IGNORE_INDEX, fused_logit_loss, shift_labels
 
     red, args, model = trainer.red_model, trainer.args, trainer.model
     fwd = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -232,24 +232,25 @@ def breakdown_c(trainer, batch, num_items, rounds: int) -> dict[str, tuple[float
         with trainer._teacher_pass() as (teacher, teacher_acts):
             teacher_logits = teacher(**fwd, use_cache=False).logits
         clock.lap("c1 teacher pass (wrapped, adapter off, capture)")
-        capture = red.capture_activations() if trainer._clone_modules else contextlib.nullcontext({})
-        with capture as student_acts:
+        with red.capture_activations(trainer._clone_names) as student_acts:
             outputs = model(**fwd, use_cache=False)
         clock.lap("c2 student forward (forms weights, capture)")
-        kd, ce, _ = logit_loss_sums(outputs.logits, teacher_logits, labels, beta=args.beta,
-                                    temperature=args.temperature, chunk_size=args.loss_chunk_size)
-        clock.lap("c3 logit losses forward (chunked KL + CE + teacher CE)")
+        logit_loss, (kd, ce, _) = fused_logit_loss(
+            outputs.logits, teacher_logits, labels, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
+            beta=args.beta, temperature=args.temperature, chunk_size=args.loss_chunk_size,
+            workspace=trainer._loss_workspace)
+        clock.lap("c3 logit losses forward (fused KL + CE + teacher CE and their gradient)")
         token_mask = shift_labels(labels) != IGNORE_INDEX
         clone = trainer._clone_sums(student_acts, teacher_acts, token_mask)
         clone_total = sum(clone.values()) if clone else ce.new_zeros(())
         clock.lap("c4 clone MSE forward")
-        loss = (args.ce_weight * ce + args.kd_weight * kd + args.clone_weight * clone_total) / num_items
+        loss = (logit_loss + args.clone_weight * clone_total) / num_items
         loss.backward()
-        clock.lap("c5 backward (all, incl. loss checkpoint recompute)")
+        clock.lap("c5 backward (all)")
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
         clock.lap("c6 optimizer step + zero_grad")
-        del teacher_logits, outputs, kd, ce, clone, clone_total, loss, teacher_acts, student_acts
+        del teacher_logits, outputs, logit_loss, kd, ce, clone, clone_total, loss, teacher_acts, student_acts
     return clock.medians()
 
 
@@ -284,26 +285,22 @@ def breakdown_reference(trainer, plain_teacher, student, batch, rounds: int) -> 
         del out
         gc.collect()
         clock.restart()
-        kd, ce, _ = losses.logit_loss_sums(logits, teacher_logits, labels, chunk_size=args.loss_chunk_size)
-        (kd + ce).backward()
-        clock.lap("r4 logit losses fwd+bwd as in (c) (checkpointed chunks)")
-        logits.grad = None
-        vocab = logits.shape[-1]
-        flat_s, flat_t = logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
-        total = torch.zeros(3)
-        for start in range(0, targets.numel(), args.loss_chunk_size):
-            part = slice(start, start + args.loss_chunk_size)
-            total = total + losses._chunk_sums(flat_s[part], flat_t[part], targets[part], args.beta,
-                                                 args.temperature)
-        (total[0] + total[1]).backward()
-        clock.lap("r4b same losses fwd+bwd without checkpoint")
+        total, _ = losses.fused_logit_loss(logits, teacher_logits, labels, chunk_size=args.loss_chunk_size,
+                                           workspace=trainer._loss_workspace)
+        total.backward()
+        clock.lap("r4 logit losses fwd+bwd as in (c) (fused)")
         logits.grad = None
         del total
+        kd, ce, _ = losses.logit_loss_sums(logits, teacher_logits, labels, chunk_size=args.loss_chunk_size)
+        (kd + ce).backward()
+        clock.lap("r4b same losses fwd+bwd, autograd reference (checkpointed chunks)")
+        logits.grad = None
+        flat_s = logits.reshape(-1, logits.shape[-1])
         ce_plain = torch.nn.functional.cross_entropy(flat_s.float(), targets, ignore_index=-100)
         ce_plain.backward()
         clock.lap("r5 plain CE fwd+bwd alone (what (b) pays for its loss)")
         logits.grad = None
-        del ce_plain, kd, ce, logits, teacher_logits, flat_s, flat_t
+        del ce_plain, kd, ce, logits, teacher_logits, flat_s
         if trainer._clone_modules:
             with torch.no_grad():
                 with trainer._teacher_pass() as (teacher, t_acts):

@@ -19,3 +19,19 @@ def test_demo_reduced_mode(tmp_path):
     assert "step0" in red and len(red["erank"]) == len(saved["teacher"]["erank"])
     for name in ("accuracy_per_hop.png", "erank_per_layer.png", "projection_spectra.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_update_marked_section_replaces_only_its_own_section(tmp_path):
+    from transformers_red.records import update_marked_section
+
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nintro\n")
+    update_marked_section(doc, "a", "first A")
+    update_marked_section(doc, "b", "first B")
+    update_marked_section(doc, "a", "second A\nwith two lines")
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nintro\n")
+    assert "second A\nwith two lines" in text and "first A" not in text and "first B" in text
+    assert text.index("<!-- a:begin -->") < text.index("<!-- b:begin -->")
+    update_marked_section(tmp_path / "new.md", "a", "x")
+    assert (tmp_path / "new.md").read_text() == "<!-- a:begin -->\nx\n<!-- a:end -->\n"

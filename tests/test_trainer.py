@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from transformers_red import RedConfig, RedDistillationTrainer
-from transformers_red.losses import logit_loss_sums
+from transformers_red import RedAdapterConfig, RedConfig, RedDistillationTrainer, get_red_model
+from transformers_red.losses import LogitLossWorkspace, fused_logit_loss, logit_loss_sums
 from transformers_red.resources import builtin_texts, tiny_teacher
 
 
@@ -97,6 +97,67 @@ def test_chunking_does_not_change_losses_or_gradients():
     for total, g in grads[1:]:
         torch.testing.assert_close(total, grads[0][0], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(g, grads[0][1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_fused_logit_loss_matches_autograd_reference(beta, tau):
+    # The trainer's fused loss computes its gradient in the forward; the reference is plain autograd.
+    gen = torch.Generator().manual_seed(2)
+    workspace = LogitLossWorkspace()
+    for kd_w, ce_w, chunk in ((1.0, 1.0, 3), (0.3, 0.0, 1000), (0.0, 0.7, 5), (2.0, 0.5, 1)):
+        s = (3 * torch.randn(2, 7, 13, generator=gen, dtype=torch.float64)).requires_grad_()
+        t = 3 * torch.randn(2, 7, 13, generator=gen, dtype=torch.float64)
+        labels = torch.randint(0, 13, (2, 7), generator=gen)
+        labels[0, 3], labels[1, :2] = -100, -100
+        ref = logit_loss_sums(s, t, labels, beta=beta, temperature=tau, chunk_size=1000)
+        (ref_grad,) = torch.autograd.grad(kd_w * ref[0] + ce_w * ref[1], s)
+        total, sums = fused_logit_loss(s, t, labels, kd_weight=kd_w, ce_weight=ce_w, beta=beta, temperature=tau,
+                                       chunk_size=chunk, workspace=workspace)
+        (grad,) = torch.autograd.grad(0.37 * total, s)
+        # float32 arithmetic inside (as on an accelerator): 1e-5 relative
+        torch.testing.assert_close(sums.double(), ref.detach().double(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(total.double(), (kd_w * ref[0] + ce_w * ref[1]).detach().double(), rtol=1e-5,
+                                   atol=1e-5)
+        torch.testing.assert_close(grad, 0.37 * ref_grad, rtol=1e-5, atol=1e-6)
+        assert grad[0, 2].abs().max() == 0 and grad[1, 6].abs().max() == 0  # rows whose next label is ignored
+
+
+def test_fused_logit_loss_dtypes_no_grad_and_single_backward():
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 5, 11, generator=gen).to(torch.bfloat16).requires_grad_()
+    t = torch.randn(2, 5, 11, generator=gen).to(torch.bfloat16)
+    labels = torch.randint(0, 11, (2, 5), generator=gen)
+    total, sums = fused_logit_loss(s, t, labels)
+    ref = logit_loss_sums(s.detach().float(), t.float(), labels)
+    torch.testing.assert_close(sums, ref, rtol=1e-5, atol=1e-5)
+    total.backward(retain_graph=True)
+    assert s.grad.dtype == torch.bfloat16 and torch.isfinite(s.grad.float()).all()
+    with pytest.raises(RuntimeError, match="single backward"):
+        total.backward()
+    with torch.no_grad():
+        total_ng, sums_ng = fused_logit_loss(s, t, labels)
+    assert total_ng.grad_fn is None
+    torch.testing.assert_close(sums_ng, sums)
+    all_ignored = torch.full_like(labels, -100)
+    assert fused_logit_loss(s, t, all_ignored)[1].abs().sum() == 0
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        fused_logit_loss(s, t[..., :5], labels)
+
+
+def test_capture_activations_records_only_named_modules(input_ids):
+    red = get_red_model(tiny_teacher(), RedAdapterConfig(width_ratio=0.5, init="random"))
+    names = red.targeted_module_names
+    wanted = [n for n in names if n.endswith("q_proj")]
+    with red.capture_activations(wanted) as acts:
+        red(input_ids=input_ids)
+    assert sorted(acts) == sorted(wanted)
+    with red.capture_activations() as acts:
+        red(input_ids=input_ids)
+    assert set(wanted) < set(acts) <= set(names)  # every recording layer (norms and embeddings do not record)
+    with pytest.raises(ValueError, match="not wrapped modules"):
+        with red.capture_activations(["model.nope"]):
+            pass
 
 
 # -------------------------------------------------------------------------------------------- training

@@ -22,6 +22,7 @@ class RedState:
 
     student: bool = True
     capture: dict[str, torch.Tensor] | None = None  # module name -> output, while capturing
+    capture_names: frozenset[str] | None = None  # which modules to capture (None: all)
 
 
 class RedLayer(nn.Module):
@@ -42,8 +43,9 @@ class RedLayer(nn.Module):
         return self._store[self.key]
 
     def _record(self, output: torch.Tensor) -> torch.Tensor:
-        if self._state.capture is not None:
-            self._state.capture[self.name] = output
+        state = self._state
+        if state.capture is not None and (state.capture_names is None or self.name in state.capture_names):
+            state.capture[self.name] = output
         return output
 
     def merged_state(self) -> dict[str, torch.Tensor]:

@@ -2,11 +2,15 @@
 
 Every term is a *sum over trained tokens*; the trainer divides by `num_items_in_batch` (the number of trained
 tokens in the whole accumulated batch), so gradient accumulation gives exactly the full-batch gradient.
-Logit terms run over chunks of tokens under activation checkpointing, so at most one float32 chunk of
-(chunk, V) log-probabilities exists at a time, on top of the models' own logits.
+The trainer's path is `fused_logit_loss`: one pass over each chunk of tokens computes the divergence, the
+student and teacher cross entropies *and* the gradient of the weighted loss, so the backward is a rescale and
+float32 work exists only for one (chunk, V) block at a time. `logit_loss_sums` is the plain autograd version
+(same values, activation checkpointing per chunk), kept as the independent reference the tests compare to.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -140,3 +144,149 @@ def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
     if reduction == "mean":
         return total / (valid.sum() * vocab).clamp_min(1)
     raise ValueError(f"reduction must be 'batchmean', 'sum', 'mean' or 'none', got {reduction!r}.")
+
+
+# ------------------------------------------------------------------------------------ fused (training path)
+class LogitLossWorkspace:
+    """Reusable float32 (chunk, V) scratch buffers for `fused_logit_loss`.
+
+    Kept by the trainer across steps: allocating (and, on CPU, page-faulting) several hundred MB of fresh
+    scratch per step otherwise costs as much as the loss arithmetic itself.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor] = []
+
+    def get(self, rows: int, vocab: int, device: torch.device) -> list[torch.Tensor]:
+        """Three (rows, vocab) float32 buffers on `device` (contents undefined)."""
+        b = self._buffers
+        if not b or b[0].shape[0] < rows or b[0].shape[1] != vocab or b[0].device != torch.device(device):
+            self._buffers = b = [torch.empty(rows, vocab, device=device) for _ in range(3)]
+        return [x[:rows] for x in b]
+
+
+def _divergence_and_grad(s_l: torch.Tensor, t_l: torch.Tensor, beta: float, kd_scale: float, p_coef: float,
+                         spare: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row divergence and kd_scale * d(divergence)/dz + p_coef * softmax(z), z the scaled student logits.
+
+    Args:
+        s_l, t_l: (n, V) float32 student / teacher log-probabilities at the temperature; overwritten.
+        spare: (n, V) float32 scratch.
+    Returns:
+        rows (n,) divergences, and the (n, V) gradient term (one of the input buffers).
+    """
+    if beta == 0:  # KL(q || p); d/dz = p - q
+        q = torch.exp(t_l, out=spare)
+        rows = torch.einsum("nv,nv->n", q, t_l.sub_(s_l))
+        return rows, s_l.exp_().mul_(kd_scale + p_coef).sub_(q, alpha=kd_scale)
+    if beta == 1:  # KL(p || q); d/dz = p * (log p - log q - KL)
+        p = torch.exp(s_l, out=spare)
+        log_ratio = s_l.sub_(t_l)
+        rows = torch.einsum("nv,nv->n", p, log_ratio)
+        return rows, log_ratio.sub_(rows[:, None]).mul_(kd_scale).add_(p_coef).mul_(p)
+    # generalised JSD with M = beta q + (1 - beta) p; d/dp = (1 - beta) log(p / M), then through the softmax
+    m_l = torch.logaddexp(s_l + math.log1p(-beta), t_l + math.log(beta), out=spare)
+    q_term = torch.einsum("nv,nv->n", t_l.exp(), t_l - m_l)
+    log_ratio = s_l - m_l
+    p = s_l.exp_()
+    p_term = torch.einsum("nv,nv->n", p, log_ratio)
+    rows = beta * q_term + (1 - beta) * p_term
+    g = log_ratio.sub_(p_term[:, None]).mul_((1 - beta) * kd_scale).add_(p_coef).mul_(p)
+    return rows, g
+
+
+def _log_softmax_into(logits: torch.Tensor, temperature: float, out: torch.Tensor, scratch: torch.Tensor):
+    if temperature == 1:
+        return torch.log_softmax(logits, -1, dtype=torch.float32, out=out)
+    return torch.log_softmax(torch.div(logits, temperature, out=scratch), -1, out=out)
+
+
+def _fused_chunks(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, beta: float,
+                  temperature: float, kd_weight: float, ce_weight: float, chunk_size: int,
+                  workspace: LogitLossWorkspace, grad: torch.Tensor | None) -> torch.Tensor:
+    """[kd, ce, teacher_ce] sums; fills `grad` (N, V) with d(kd_weight kd + ce_weight ce)/d student if given."""
+    valid = targets != IGNORE_INDEX
+    rows_with_loss = valid.nonzero()
+    sums = torch.zeros(3, device=student.device)
+    if grad is not None:
+        grad.zero_()
+    if rows_with_loss.numel() == 0:
+        return sums
+    first, last = int(rows_with_loss[0]), int(rows_with_loss[-1]) + 1
+    weights = valid.float()
+    safe_targets = targets.clamp_min(0)[:, None]
+    for start in range(first, last, chunk_size):
+        part = slice(start, min(start + chunk_size, last))
+        s, t, w, tgt = student[part], teacher[part], weights[part], safe_targets[part]
+        a, b, c = workspace.get(s.shape[0], s.shape[1], s.device)
+        s_l, t_l = _log_softmax_into(s, temperature, a, c), _log_softmax_into(t, temperature, b, c)
+        if temperature == 1:
+            ce_rows, tce_rows = -s_l.gather(1, tgt)[:, 0], -t_l.gather(1, tgt)[:, 0]
+        else:
+            ce_rows = torch.logsumexp(s.float(), -1) - s.gather(1, tgt)[:, 0].float()
+            tce_rows = torch.logsumexp(t.float(), -1) - t.gather(1, tgt)[:, 0].float()
+        # at T = 1 the CE gradient's softmax is the divergence's p: fold it in instead of recomputing it
+        p_coef = ce_weight if temperature == 1 else 0.0
+        rows, g = _divergence_and_grad(s_l, t_l, beta, kd_weight / temperature, p_coef, c)
+        sums += torch.stack([rows @ w, ce_rows @ w, tce_rows @ w])
+        if grad is None:
+            continue
+        if ce_weight and temperature != 1:
+            g.add_(torch.softmax(s, -1, dtype=torch.float32, out=c), alpha=ce_weight)
+        g.scatter_add_(1, tgt, torch.full_like(w[:, None], -ce_weight))
+        grad[part].copy_(g.mul_(w[:, None]))
+    return sums
+
+
+class _FusedLogitLoss(torch.autograd.Function):
+    """Computes the loss and its gradient in one pass over the logits; backward only rescales the gradient."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, targets, options):
+        grad = torch.empty_like(student)
+        sums = _fused_chunks(student.detach(), teacher.detach(), targets, grad=grad, **options)
+        ctx.save_for_backward(grad)
+        ctx.used = False
+        total = options["kd_weight"] * sums[0] + options["ce_weight"] * sums[1]
+        ctx.mark_non_differentiable(sums)
+        return total, sums
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_sums):
+        if ctx.used:
+            raise RuntimeError("fused_logit_loss supports a single backward pass (its gradient buffer is scaled "
+                               "in place); recompute the loss instead of using retain_graph=True.")
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_total.to(grad.dtype)), None, None, None
+
+
+def fused_logit_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
+                     kd_weight: float = 1.0, ce_weight: float = 1.0, beta: float = 0.0, temperature: float = 1.0,
+                     chunk_size: int = 1024, workspace: LogitLossWorkspace | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kd_weight * kd + ce_weight * ce` summed over trained tokens, with its gradient computed in the forward.
+
+    Same values as `logit_loss_sums` (next-token, no temperature^2 factor) at a fraction of the cost: one pass
+    over each chunk of logits, no recomputation in the backward, and a single extra (B, T, V) buffer (the
+    gradient, in the student logits' dtype) plus three float32 (chunk, V) scratch buffers.
+
+    Args:
+        student_logits, teacher_logits: (B, T, V); position t predicts labels[:, t + 1].
+        labels: (B, T), IGNORE_INDEX (-100) where no loss is taken.
+        workspace: scratch buffers to reuse across calls (a new one per call if None).
+    Returns:
+        total: () float32, differentiable w.r.t. student_logits (one backward pass).
+        sums: (3,) float32 [kd_sum, ce_sum, teacher_ce_sum], detached.
+    """
+    vocab = student_logits.shape[-1]
+    if teacher_logits.shape[-1] != vocab:
+        raise ValueError(f"Student and teacher vocabularies differ ({vocab} vs {teacher_logits.shape[-1]}).")
+    options = dict(beta=beta, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
+                   chunk_size=chunk_size, workspace=workspace or LogitLossWorkspace())
+    student, teacher = student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab)
+    targets = shift_labels(labels).reshape(-1)
+    if torch.is_grad_enabled() and student.requires_grad:
+        return _FusedLogitLoss.apply(student, teacher, targets, options)
+    sums = _fused_chunks(student, teacher, targets, grad=None, **options)
+    return kd_weight * sums[0] + ce_weight * sums[1], sums

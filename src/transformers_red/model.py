@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -129,19 +129,30 @@ class RedModel(nn.Module):
             self._red_state.student = previous
 
     @contextlib.contextmanager
-    def capture_activations(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Record every wrapped module's output during forwards in this context.
+    def capture_activations(self, names: Iterable[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Record the wrapped modules' outputs during forwards in this context.
+
+        Args:
+            names: module names (as in `targeted_module_names`) to record; None records every wrapped module.
+                Recording only what a loss uses lets the other outputs be freed as the forward goes.
 
         Yields a dict, filled by the forward: module name -> output tensor. Inner-width outputs (q, k, v, gate,
         up pre-activations: (B, T, out)) compare directly between passes; attention and FFN outputs (o_proj,
         down_proj) are (B, T, d_S) in the student pass and (B, T, d_T) in the teacher pass.
         """
-        previous = self._red_state.capture
-        self._red_state.capture = {}
+        state = self._red_state
+        previous = state.capture, state.capture_names
+        if names is not None:
+            names = frozenset(names)
+            unknown = names - set(self.targeted_module_names)
+            if unknown:
+                raise ValueError(f"capture_activations: {sorted(unknown)[:3]} are not wrapped modules; "
+                                 "pass names from `targeted_module_names`.")
+        state.capture, state.capture_names = {}, names
         try:
-            yield self._red_state.capture
+            yield state.capture
         finally:
-            self._red_state.capture = previous
+            state.capture, state.capture_names = previous
 
     # ---------------------------------------------------------------------------------- introspection
     def red_layers(self) -> Iterator[tuple[str, RedLayer]]:

@@ -27,7 +27,8 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from .callbacks import ERankCallback
 from .config import CONFIG_NAME
-from .losses import IGNORE_INDEX, generalized_jsd_loss, logit_loss_sums, masked_mse_sum, shift_labels
+from .losses import (IGNORE_INDEX, LogitLossWorkspace, fused_logit_loss, generalized_jsd_loss, masked_mse_sum,
+                     shift_labels)
 from .model import WEIGHTS_NAME, RedModel, get_red_model
 from .red_config import CLONE_MODULES, RedConfig
 
@@ -134,6 +135,8 @@ class RedDistillationTrainer(SFTTrainer):
         self._clone_modules = {term: [n for n in self.red_model.targeted_module_names
                                       if n.rsplit(".", 1)[-1] == CLONE_MODULES[term]]
                                for term in args.clone_terms} if args.clone_weight > 0 else {}
+        self._clone_names = frozenset(n for group in self._clone_modules.values() for n in group)
+        self._loss_workspace = LogitLossWorkspace()
 
     # ---------------------------------------------------------------------------------------- setup
     @staticmethod
@@ -203,11 +206,11 @@ class RedDistillationTrainer(SFTTrainer):
         red = self.red_model
         with torch.no_grad():
             if self.teacher_model is None:
-                with red.disable_adapter(), red.capture_activations() as acts:
+                with red.disable_adapter(), red.capture_activations(self._clone_names) as acts:
                     yield self.model, acts
             else:
                 acts: dict[str, torch.Tensor] = {}
-                names = {n for group in self._clone_modules.values() for n in group}
+                names = self._clone_names
                 hooks = [self.accelerator.unwrap_model(self.teacher_model).get_submodule(n).register_forward_hook(
                     lambda _m, _i, out, n=n: acts.__setitem__(n, out)) for n in names]
                 try:
@@ -241,17 +244,19 @@ class RedDistillationTrainer(SFTTrainer):
         forward_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
         with self._teacher_pass() as (teacher, teacher_acts):
             teacher_logits = teacher(**forward_inputs, use_cache=False).logits
-        capture = self.red_model.capture_activations() if self._clone_modules else contextlib.nullcontext({})
-        with capture as student_acts:
+        with self.red_model.capture_activations(self._clone_names) as student_acts:
             outputs = model(**forward_inputs, use_cache=False)
-        kd, ce, teacher_ce = logit_loss_sums(outputs.logits, teacher_logits, labels, beta=args.beta,
-                                             temperature=args.temperature, chunk_size=args.loss_chunk_size)
+        logit_loss, (kd, ce, teacher_ce) = fused_logit_loss(
+            outputs.logits, teacher_logits, labels, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
+            beta=args.beta, temperature=args.temperature, chunk_size=args.loss_chunk_size,
+            workspace=self._loss_workspace)
+        del teacher_logits
         token_mask = shift_labels(labels) != IGNORE_INDEX
         clone = self._clone_sums(student_acts, teacher_acts, token_mask)
         clone_total = sum(clone.values()) if clone else ce.new_zeros(())
         local_tokens = token_mask.sum().clamp_min(1)
         denominator = local_tokens if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).to(ce)
-        loss = (args.ce_weight * ce + args.kd_weight * kd + args.clone_weight * clone_total) / denominator
+        loss = (logit_loss + args.clone_weight * clone_total) / denominator
         if args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         if not torch.isfinite(loss):

@@ -1,0 +1,142 @@
+"""Reasoning retention of RED vs random-init (LRC) students of the embedded chain-reasoning teacher.
+
+The `transformers-red demo` comparison over several seeds and widths, with more steps: for every width and
+seed, RED (activation init, tau=1), LRC (random init, tau=40) and random init at tau=1 are distilled from the
+packaged teacher on the same generated problems for the same steps, merged, and scored on the same held-out
+problems per hop count (exact match of the greedy final answer). Also measured before training (step 0).
+
+Prints a markdown table (mean and standard deviation over seeds of the accuracy per hop, the student/teacher
+ratio of the mean per-layer eRank, and the step-0 accuracy) and writes `retention.json`, `retention.md` and
+`retention_accuracy.png` into `--output-dir`.
+
+    python benchmarks/reasoning_retention.py                         # 3 seeds x widths 0.5, 0.25
+    python benchmarks/reasoning_retention.py --steps 100 --seeds 0   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import torch  # noqa: E402
+
+from transformers_red.demo import VARIANTS, run_demo  # noqa: E402
+from transformers_red.records import update_marked_section  # noqa: E402
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(runs: dict[float, dict]) -> list[dict]:
+    """One row per (width, variant): mean/std over seeds of accuracy per hop (final and step 0), eRank ratio."""
+    rows = []
+    for width, report in runs.items():
+        teacher_erank = report["teacher"]["mean_erank"]
+        for key, variant in VARIANTS.items():
+            students = [s for s in report["students"] if s["name"] == variant.name]
+            if not students:
+                continue
+            hops = list(students[0]["accuracy"])
+            rows.append({
+                "width_ratio": width, "variant": variant.name, "seeds": [s["seed"] for s in students],
+                "accuracy": {h: _mean_std([100 * s["accuracy"][h] for s in students]) for h in hops},
+                "step0_accuracy": {h: _mean_std([100 * s["step0"]["accuracy"][h] for s in students]) for h in hops},
+                "erank_ratio": _mean_std([s["mean_erank"] / teacher_erank for s in students]),
+                "step0_erank_ratio": _mean_std([s["step0"]["mean_erank"] / teacher_erank for s in students]),
+                "final_kd_loss": _mean_std([s["losses"][-1]["kd_loss"] for s in students if s["losses"]]),
+            })
+    return rows
+
+
+def format_markdown(runs: dict[float, dict], rows: list[dict]) -> str:
+    first = next(iter(runs.values()))
+    hops = list(first["teacher"]["accuracy"])
+    head = "| width | model | " + " | ".join(f"hop {h}" for h in hops) + " | eRank / teacher |"
+    sep = "|---|---|" + "---|" * (len(hops) + 1)
+    teacher = first["teacher"]
+    lines = [head, sep, "| 100 % | teacher | " + " | ".join(f"{100 * teacher['accuracy'][h]:.1f}" for h in hops)
+             + " | 1.00 |"]
+    for row in rows:
+        cells = " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in row["accuracy"].values())
+        lines.append(f"| {row['width_ratio']:.0%} | {row['variant']} | {cells} | "
+                     f"{row['erank_ratio'][0]:.2f} ± {row['erank_ratio'][1]:.2f} |")
+    lines += ["", "Step 0 (after initialisation, before any training):", "", head, sep]
+    for row in rows:
+        cells = " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in row["step0_accuracy"].values())
+        lines.append(f"| {row['width_ratio']:.0%} | {row['variant']} | {cells} | "
+                     f"{row['step0_erank_ratio'][0]:.2f} ± {row['step0_erank_ratio'][1]:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_retention(rows: list[dict], teacher: dict, path: str) -> str:
+    from transformers_red.plots import _figure, _save
+
+    fig = _figure()
+    widths = sorted({r["width_ratio"] for r in rows}, reverse=True)
+    for i, width in enumerate(widths):
+        ax = fig.add_subplot(1, len(widths), i + 1)
+        hops = [int(h) for h in teacher["accuracy"]]
+        ax.plot(hops, [100 * a for a in teacher["accuracy"].values()], "k--", label="teacher")
+        for row in (r for r in rows if r["width_ratio"] == width):
+            means, stds = zip(*row["accuracy"].values())
+            ax.errorbar(hops, means, yerr=stds, marker="o", capsize=3, label=row["variant"])
+        ax.set(xlabel="hops", ylabel="exact match (%)" if i == 0 else None, ylim=(-2, 102),
+               title=f"{width:.0%} width")
+        ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--widths", type=float, nargs="+", default=[0.5, 0.25])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--variants", nargs="+", default=["red", "lrc40", "lrc1"], choices=list(VARIANTS))
+    parser.add_argument("--eval-per-hop", type=int, default=100)
+    parser.add_argument("--train-samples", type=int, default=8000)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--output-dir", default="red-retention")
+    parser.add_argument("--update-doc", default=None, help="markdown file whose retention section to replace")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.output_dir, exist_ok=True)
+    started = time.perf_counter()
+    runs = {}
+    for width in args.widths:
+        print(f"== width {width:.0%}: seeds {args.seeds}, {args.steps} steps", file=sys.stderr, flush=True)
+        runs[width] = run_demo(output_dir=os.path.join(args.output_dir, f"width_{width:g}"), width_ratio=width,
+                               steps=args.steps, seeds=tuple(args.seeds), variants=tuple(args.variants),
+                               eval_per_hop=args.eval_per_hop, train_samples=args.train_samples, step0=True,
+                               show_progress=False)
+    rows = summarise(runs)
+    table = format_markdown(runs, rows)
+    wall = time.perf_counter() - started
+    footer = (f"\nmean ± standard deviation over seeds {args.seeds}; {args.eval_per_hop} held-out problems per hop; "
+              f"{args.steps} steps; {torch.get_num_threads()} threads; wall time {wall:.0f} s")
+    print(table + footer)
+    teacher = next(iter(runs.values()))["teacher"]
+    with open(os.path.join(args.output_dir, "retention.json"), "w", encoding="utf-8") as f:
+        json.dump({"settings": vars(args), "teacher": teacher, "rows": rows, "wall_seconds": wall}, f, indent=1)
+    with open(os.path.join(args.output_dir, "retention.md"), "w", encoding="utf-8") as f:
+        f.write(table + footer + "\n")
+    png = plot_retention(rows, teacher, os.path.join(args.output_dir, "retention_accuracy.png"))
+    if args.update_doc:
+        command = "python benchmarks/reasoning_retention.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        image = os.path.relpath(png, os.path.dirname(os.path.abspath(args.update_doc)))
+        update_marked_section(args.update_doc, "retention",
+                              f"```bash\n{command}\n```\n\n{table}\n{footer}\n\n![accuracy per hop]({image})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
