@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--widths", type=float, nargs="+", default=[0.5, 0.25])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--variants", nargs="+", default=["red", "lrc40", "lrc1"], choices=list(VARIANTS))
     parser.add_argument("--eval-per-hop", type=int, default=100)
     parser.add_argument("--train-samples", type=int, default=8000)

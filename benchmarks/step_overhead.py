@@ -33,6 +33,8 @@ RSS *above the resident set at the start* of each phase is also printed (VmHWM r
 `--breakdown` also times the parts of (c) separately (re-doing `compute_loss`'s steps one by one with the
 trainer's own helpers) and a few reference pieces; `--profile` prints a torch.profiler table of one (c) step.
 `--threads N` calls torch.set_num_threads(N) (default: torch's own default, one thread per usable core).
+The trainer is built before anything is timed, so with `RedConfig.keep_freed_cpu_memory` (the default) every
+phase, baseline included, runs under the same allocator settings; `--return-freed-memory` turns them off.
 
     python benchmarks/step_overhead.py --models tiny
     python benchmarks/step_overhead.py --models tiny smollm2 --repeats 3 --breakdown
@@ -390,7 +392,7 @@ def run_model(name: str, args) -> dict:
     out_dir = tempfile.mkdtemp(prefix="red_bench_")
     config = RedConfig(output_dir=out_dir, per_device_train_batch_size=args.batch_size, max_length=args.seq_len,
                        max_steps=10**6, report_to=[], use_cpu=True, save_strategy="no", logging_steps=10**6,
-                       disable_tqdm=True, bf16=False, seed=0)
+                       disable_tqdm=True, bf16=False, seed=0, keep_freed_cpu_memory=not args.return_freed_memory)
     dataset = datasets.Dataset.from_dict({"text": builtin_texts(64)})
     trainer = RedDistillationTrainer(model=red, args=config, train_dataset=dataset, processing_class=tokenizer)
     trainer.create_optimizer()
@@ -505,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-rows", type=int, default=25)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: leave torch's default, one per usable core)")
+    parser.add_argument("--return-freed-memory", action="store_true",
+                        help="RedConfig(keep_freed_cpu_memory=False): glibc's default allocator behaviour")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
@@ -521,6 +525,11 @@ def main(argv: list[str] | None = None) -> int:
           f"| trl {trl.__version__} | torch threads {torch.get_num_threads()} | cpus usable {affinity} "
           f"(os.cpu_count {os.cpu_count()})")
     results = [run_model(name, args) for name in args.models]
+    from transformers_red.cpu_memory import keep_freed_cpu_memory
+
+    kept = (not args.return_freed_memory) and keep_freed_cpu_memory()
+    print(f"allocator: freed CPU memory kept in the process (RedConfig.keep_freed_cpu_memory, set by the trainer "
+          f"before every phase ran): {kept}; MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_')}")
     print_results(results, args)
     return 0
 

@@ -91,4 +91,9 @@ def load_smollm2_teacher(tmp_path_factory):
     from transformers_red.resources import load_smollm2
 
     cache = os.environ.get("TRANSFORMERS_RED_CACHE") or str(tmp_path_factory.mktemp("red_cache"))
-    return lambda: load_smollm2(cache_dir=cache)
+
+    def load():
+        return load_smollm2(cache_dir=cache)
+
+    load.cache_dir = cache  # for code under test that calls load_smollm2() itself (set TRANSFORMERS_RED_CACHE)
+    return load

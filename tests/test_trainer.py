@@ -280,3 +280,18 @@ def test_separate_teacher_model_gives_the_same_step(tmp_path, train_texts, token
     assert separate.teacher_model is not None
     for key in ("loss", "kd_loss", "clone_loss", "clone/attn", "clone/ffn", "teacher_ce_loss"):
         assert losses(separate, key) == pytest.approx(losses(shared, key), rel=1e-5), key
+
+
+def test_cpu_training_keeps_freed_memory_unless_disabled(tmp_path, train_texts, tokenizer, monkeypatch):
+    import platform
+
+    from transformers_red import red_trainer
+    from transformers_red.cpu_memory import keep_freed_cpu_memory
+
+    calls = []
+    monkeypatch.setattr(red_trainer, "keep_freed_cpu_memory", lambda: calls.append(1) or True)
+    make_trainer(tmp_path / "on", train_texts, tokenizer, tiny_teacher())
+    make_trainer(tmp_path / "off", train_texts, tokenizer, tiny_teacher(), keep_freed_cpu_memory=False)
+    assert calls == [1]
+    if platform.libc_ver()[0] == "glibc":
+        assert keep_freed_cpu_memory() is True  # mallopt accepted both settings

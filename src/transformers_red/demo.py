@@ -88,7 +88,7 @@ def distil_variant(variant: Variant, *, teacher_dir: str | None, train_texts: li
 
 
 def run_demo(*, teacher_dir: str | None = None, data: str | None = None, output_dir: str | None = None, width_ratio: float = 0.5,
-             steps: int = 300, seeds: tuple[int, ...] = (0,), variants: tuple[str, ...] = ("red", "lrc40", "lrc1"),
+             steps: int = 150, seeds: tuple[int, ...] = (0,), variants: tuple[str, ...] = ("red", "lrc40", "lrc1"),
              eval_per_hop: int = 50, train_samples: int = 4000, batch_size: int = 32, learning_rate: float = 2e-3,
              step0: bool = False, plots: bool = True, show_progress: bool = True) -> dict[str, Any]:
     """Run the comparison and return every number; writes `results.json` (and plots) into `output_dir`."""
@@ -118,6 +118,7 @@ def run_demo(*, teacher_dir: str | None = None, data: str | None = None, output_
                 erank_texts=erank_texts, width_ratio=width_ratio, steps=steps, seed=seed, batch_size=batch_size,
                 learning_rate=learning_rate, show_progress=show_progress, step0=step0))
     report["wall_seconds"] = time.perf_counter() - started
+    report["output_dir"] = os.path.abspath(output_dir)
     with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     if plots:
@@ -140,6 +141,8 @@ def format_demo(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines.append(f"\nexact-match accuracy (%) on {s['eval_per_hop']} held-out problems per hop; students at "
                  f"{s['width_ratio']:.0%} width after {s['steps']} steps; wall time {report['wall_seconds']:.0f} s")
+    if "output_dir" in report:
+        lines.append(f"results.json and plots in {report['output_dir']}")
     return "\n".join(lines)
 
 
@@ -149,7 +152,7 @@ def cli_demo(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="Train on this .txt/.jsonl file instead of generated problems.")
     parser.add_argument("--output-dir", default=None, help="Where results.json and plots go.")
     parser.add_argument("--width-ratio", type=float, default=0.5)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="+", default=["red", "lrc40", "lrc1"], choices=list(VARIANTS))
     parser.add_argument("--eval-per-hop", type=int, default=50)

@@ -27,6 +27,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from .callbacks import ERankCallback
 from .config import CONFIG_NAME
+from .cpu_memory import keep_freed_cpu_memory
 from .losses import (IGNORE_INDEX, LogitLossWorkspace, fused_logit_loss, generalized_jsd_loss, masked_mse_sum,
                      shift_labels)
 from .model import WEIGHTS_NAME, RedModel, get_red_model
@@ -129,6 +130,8 @@ class RedDistillationTrainer(SFTTrainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks, **kwargs)
         self.model_accepts_loss_kwargs = True  # so Trainer counts num_items_in_batch for our loss
+        if args.keep_freed_cpu_memory and self.args.device.type == "cpu":
+            keep_freed_cpu_memory()
         if self._erank_callback is not None:
             self._erank_callback.trainer = self
         self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
