@@ -51,8 +51,9 @@ def _spectrum_summary(red: Any) -> dict[str, Any]:
             "example": next(iter(spectra.values()))["singular_values"]}
 
 
-def _measure(model: Any, tokenizer: Any, problems: list, erank_texts: list[str]) -> dict[str, Any]:
-    accuracy = evaluate_model(model, tokenizer, problems)
+def _measure(model: Any, tokenizer: Any, problems: list, erank_texts: list[str],
+             show_progress: bool = False) -> dict[str, Any]:
+    accuracy = evaluate_model(model, tokenizer, problems, show_progress=show_progress)
     erank = layerwise_effective_rank(model, erank_texts, tokenizer, max_length=128)
     return {"accuracy": {str(h): a for h, a in accuracy.items()}, "erank": erank,
             "mean_erank": statistics.fmean(erank)}
@@ -74,7 +75,8 @@ def distil_variant(variant: Variant, *, teacher_dir: str | None, train_texts: li
         result: dict[str, Any] = {"name": variant.name, "init": variant.init, "temperature": variant.temperature,
                                   "seed": seed, "spectrum_init": _spectrum_summary(trainer.red_model)}
         if step0:
-            result["step0"] = _measure(trainer.red_model.merge_and_unload(), tokenizer, problems, erank_texts)
+            result["step0"] = _measure(trainer.red_model.merge_and_unload(), tokenizer, problems, erank_texts,
+                                       show_progress)
         started = time.perf_counter()
         trainer.train()
         result["train_seconds"] = time.perf_counter() - started
@@ -82,7 +84,7 @@ def distil_variant(variant: Variant, *, teacher_dir: str | None, train_texts: li
                             for h in trainer.state.log_history if "kd_loss" in h]
         result["spectrum_end"] = _spectrum_summary(trainer.red_model)
         student = trainer.red_model.merge_and_unload()
-    result.update(_measure(student, tokenizer, problems, erank_texts))
+    result.update(_measure(student, tokenizer, problems, erank_texts, show_progress))
     result["student_hidden_size"] = student.config.hidden_size
     return result
 
@@ -101,7 +103,7 @@ def run_demo(*, teacher_dir: str | None = None, data: str | None = None, output_
     report: dict[str, Any] = {"settings": {"width_ratio": width_ratio, "steps": steps, "seeds": list(seeds),
                                            "eval_per_hop": eval_per_hop, "batch_size": batch_size,
                                            "learning_rate": learning_rate, "train_samples": train_samples},
-                              "teacher": {**_measure(teacher, tokenizer, problems, erank_texts),
+                              "teacher": {**_measure(teacher, tokenizer, problems, erank_texts, show_progress),
                                           "hidden_size": teacher.config.hidden_size}, "students": []}
     user_texts = None
     if data is not None:  # the user's own texts: train on them, measure eRank on the last 64

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 __all__ = [
     "END_MARKER",
@@ -290,7 +291,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
 
 @torch.no_grad()
 def evaluate_model(model, tokenizer, problems: Iterable[Problem], batch_size: int = 128,
-                   max_new_tokens: int | None = None, return_outputs: bool = False):
+                   max_new_tokens: int | None = None, return_outputs: bool = False, show_progress: bool = False):
     """Greedy exact-match accuracy of the final ``#N``, per hop count: ``{hops: accuracy}``.
 
     Problems are batched by hop count (similar lengths, little padding). ``max_new_tokens`` defaults to the
@@ -306,17 +307,16 @@ def evaluate_model(model, tokenizer, problems: Iterable[Problem], batch_size: in
     for i, p in enumerate(problems):
         by_hops[p.hops].append(i)
     generated: list[str | None] = [None] * len(problems)
+    chunks = [by_hops[h][start : start + batch_size] for h in sorted(by_hops)
+              for start in range(0, len(by_hops[h]), batch_size)]
     try:
-        for hops in sorted(by_hops):
-            idx = by_hops[hops]
-            for start in range(0, len(idx), batch_size):
-                chunk = idx[start : start + batch_size]
-                limit = max_new_tokens
-                if limit is None:
-                    limit = max(len(problems[i].target) for i in chunk) + 1 + 8
-                texts = greedy_generate(model, tokenizer, [problems[i].prompt for i in chunk], limit)
-                for i, text in zip(chunk, texts):
-                    generated[i] = text
+        for chunk in tqdm(chunks, desc="evaluating", unit="batch", disable=not show_progress, leave=False):
+            limit = max_new_tokens
+            if limit is None:
+                limit = max(len(problems[i].target) for i in chunk) + 1 + 8
+            texts = greedy_generate(model, tokenizer, [problems[i].prompt for i in chunk], limit)
+            for i, text in zip(chunk, texts):
+                generated[i] = text
     finally:
         model.train(was_training)
     correct = [score_answer(t, p) for t, p in zip(generated, problems)]
