@@ -54,7 +54,8 @@ def distil(init: str, train: list[str], args: argparse.Namespace, device: str) -
     teacher, tokenizer = load_smollm2()
     with tempfile.TemporaryDirectory() as tmp:
         config = RedConfig(output_dir=tmp, init=init, width_ratio=args.width_ratio, temperature=args.temperature,
-                           max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+                           clone_weight=args.clone_weight, max_steps=args.steps,
+                           per_device_train_batch_size=args.batch_size,
                            gradient_accumulation_steps=args.grad_accum, max_length=args.max_length,
                            learning_rate=args.learning_rate, lr_scheduler_type="cosine",
                            warmup_steps=max(1, args.steps // 10), logging_steps=max(1, args.steps // 20),
@@ -101,7 +102,8 @@ def format_results(report: dict) -> str:
     s = report["settings"]
     lines.append(f"\n{s['steps']} steps x {s['batch_size'] * s['grad_accum']} sequences of <= {s['max_length']} "
                  f"tokens ({s['train_samples']} texts, reasoning-gym gsm_symbolic + Python-docs paragraphs), "
-                 f"temperature {s['temperature']}, learning rate {s['learning_rate']}, seed {s['seed']}; "
+                 f"temperature {s['temperature']}, clone weight {s['clone_weight']}, "
+                 f"learning rate {s['learning_rate']}, seed {s['seed']}; "
                  f"lm-eval tasks on the first {s['limit']} documents each (scores in %); perplexity on 64 "
                  f"held-out texts of each kind; eRank on {s['erank_texts']} held-out reasoning texts. "
                  f"Device {report['device']}, {report['threads']} threads, wall time {report['wall_seconds']:.0f} s.")
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--temperature", type=float, default=1.0, help="for both students (RED requires 1)")
     parser.add_argument("--width-ratio", type=float, default=0.5)
+    parser.add_argument("--clone-weight", type=float, default=0.2, help="alpha of the activation clone MSE")
     parser.add_argument("--train-samples", type=int, default=1024)
     parser.add_argument("--calibration-samples", type=int, default=64)
     parser.add_argument("--inits", nargs="+", default=list(INITS), choices=list(INITS))
@@ -145,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--output-dir", default="smollm2-red")
     parser.add_argument("--update-doc", default=None, help="markdown file whose SmolLM2 section to replace")
+    parser.add_argument("--doc-section", default="smollm2", help="name of that section")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         here = os.path.dirname(os.path.abspath(args.update_doc))
         images = "\n".join(f"![{name}]({os.path.relpath(os.path.join(args.output_dir, name + '.png'), here)})"
                            for name in ("erank", "losses"))
-        update_marked_section(args.update_doc, "smollm2", f"```bash\n{command}\n```\n\n{text}\n\n{images}")
+        update_marked_section(args.update_doc, args.doc_section, f"```bash\n{command}\n```\n\n{text}\n\n{images}")
     return 0
 
 
