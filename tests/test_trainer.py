@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from transformers_red import RedAdapterConfig, RedConfig, RedDistillationTrainer, get_red_model
-from transformers_red.losses import LogitLossWorkspace, fused_logit_loss, logit_loss_sums
+from transformers_red.losses import LogitLossWorkspace, fused_logit_loss, logit_loss_sums, masked_mse_sum
 from transformers_red.resources import builtin_texts, tiny_teacher
 
 
@@ -143,6 +143,25 @@ def test_fused_logit_loss_dtypes_no_grad_and_single_backward():
     assert fused_logit_loss(s, t, all_ignored)[1].abs().sum() == 0
     with pytest.raises(ValueError, match="vocabularies differ"):
         fused_logit_loss(s, t[..., :5], labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_mse_sum_matches_autograd_formula_on_both_sides(dtype):
+    gen = torch.Generator().manual_seed(4)
+    s = torch.randn(2, 5, 7, generator=gen).to(dtype).requires_grad_()
+    proj = torch.randn(7, 7, generator=gen).to(dtype).requires_grad_()  # teacher side through a projection
+    t = torch.randn(2, 5, 7, generator=gen).to(dtype) @ proj
+    mask = torch.rand(2, 5, generator=gen) > 0.3
+    value = masked_mse_sum(s, t, mask)
+    grads = torch.autograd.grad(0.7 * value, (s, proj), retain_graph=True)
+    ref = (((s.float() - t.float()) ** 2).mean(-1) * mask).sum()
+    ref_grads = torch.autograd.grad(0.7 * ref, (s, proj))
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, ref, rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), r.float(), rtol=1e-5, atol=1e-6)
+    assert grads[0][~mask].abs().max() == 0
 
 
 def test_capture_activations_records_only_named_modules(input_ids):
