@@ -16,9 +16,9 @@ batch of `--batch-size` x `--seq-len` tokens (built-in English texts, labels = i
       backward matmuls.
   (c) distillation step: `trainer.training_step(trainer.model, inputs, num_items_in_batch)` then
       `trainer.optimizer.step(); trainer.optimizer.zero_grad()` (optimizer from `trainer.create_optimizer()`),
-      i.e. teacher pass (same weights, adapter disabled, activations captured), student pass (captured),
-      fused KL + CE (`fused_logit_loss`), clone MSE, backward, AdamW over the projections and norm gains. Not included: gradient
-      clipping, LR scheduler, data loading, logging (the rest of Trainer's inner loop).
+      i.e. teacher pass (same weights, adapter disabled, clone modules captured), student pass (captured),
+      fused KL + CE (`fused_logit_loss`), clone MSE, backward, AdamW over the projections and norm gains.
+      Not included: gradient clipping, LR scheduler, data loading, logging (the rest of Trainer's inner loop).
 
 Measurements are interleaved (a, b, w, c, a, b, w, c, ...); the first `--warmup` rounds are discarded. The
 table gives median wall times; the same ratios are also printed from the minimum wall times and from the median
