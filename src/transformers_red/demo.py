@@ -164,7 +164,12 @@ def cli_demo(argv: list[str] | None = None) -> int:
     parser.add_argument("--step0", action="store_true", help="Also evaluate every student before training.")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: the embedded teacher is too small to gain from more, and one "
+                             "thread is steadier on a shared machine; 0 keeps torch's default).")
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     report = run_demo(teacher_dir=args.teacher, data=args.data, output_dir=args.output_dir, width_ratio=args.width_ratio,
                       steps=args.steps, seeds=tuple(args.seeds), variants=tuple(args.variants),
                       eval_per_hop=args.eval_per_hop, train_samples=args.train_samples, batch_size=args.batch_size,
