@@ -54,7 +54,8 @@ def distil(init: str, train: list[str], args: argparse.Namespace, device: str) -
     teacher, tokenizer = load_smollm2()
     with tempfile.TemporaryDirectory() as tmp:
         config = RedConfig(output_dir=tmp, init=init, width_ratio=args.width_ratio, temperature=args.temperature,
-                           clone_weight=args.clone_weight, max_steps=args.steps,
+                           clone_weight=args.clone_weight, clone_output_space=args.clone_output_space,
+                           max_steps=args.steps,
                            per_device_train_batch_size=args.batch_size,
                            gradient_accumulation_steps=args.grad_accum, max_length=args.max_length,
                            learning_rate=args.learning_rate, lr_scheduler_type="cosine",
@@ -102,7 +103,7 @@ def format_results(report: dict) -> str:
     s = report["settings"]
     lines.append(f"\n{s['steps']} steps x {s['batch_size'] * s['grad_accum']} sequences of <= {s['max_length']} "
                  f"tokens ({s['train_samples']} texts, reasoning-gym gsm_symbolic + Python-docs paragraphs), "
-                 f"temperature {s['temperature']}, clone weight {s['clone_weight']}, "
+                 f"temperature {s['temperature']}, clone weight {s['clone_weight']} ({s['clone_output_space']} space), "
                  f"learning rate {s['learning_rate']}, seed {s['seed']}; "
                  f"lm-eval tasks on the first {s['limit']} documents each (scores in %); perplexity on 64 "
                  f"held-out texts of each kind; eRank on {s['erank_texts']} held-out reasoning texts. "
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0, help="for both students (RED requires 1)")
     parser.add_argument("--width-ratio", type=float, default=0.5)
     parser.add_argument("--clone-weight", type=float, default=0.2, help="alpha of the activation clone MSE")
+    parser.add_argument("--clone-output-space", default="student", choices=["student", "teacher"],
+                        help="where attn/ffn outputs are compared (RedConfig.clone_output_space)")
     parser.add_argument("--train-samples", type=int, default=1024)
     parser.add_argument("--calibration-samples", type=int, default=64)
     parser.add_argument("--inits", nargs="+", default=list(INITS), choices=list(INITS))
