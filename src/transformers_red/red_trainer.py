@@ -139,7 +139,8 @@ class RedDistillationTrainer(SFTTrainer):
                                       if n.rsplit(".", 1)[-1] == CLONE_MODULES[term]]
                                for term in args.clone_terms} if args.clone_weight > 0 else {}
         self._clone_names = frozenset(n for group in self._clone_modules.values() for n in group)
-        self._loss_workspace = LogitLossWorkspace()
+        # CPU: keep the loss scratch between steps (no allocator cache); CUDA's caching allocator reuses it anyway
+        self._loss_workspace = LogitLossWorkspace() if self.args.device.type == "cpu" else None
 
     # ---------------------------------------------------------------------------------------- setup
     @staticmethod
