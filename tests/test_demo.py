@@ -35,3 +35,21 @@ def test_update_marked_section_replaces_only_its_own_section(tmp_path):
     assert text.index("<!-- a:begin -->") < text.index("<!-- b:begin -->")
     update_marked_section(tmp_path / "new.md", "a", "x")
     assert (tmp_path / "new.md").read_text() == "<!-- a:begin -->\nx\n<!-- a:end -->\n"
+
+
+def test_demo_on_another_teacher_folder_and_user_text(tmp_path):
+    import shutil
+
+    from transformers_red.tasks import generate_mixed_problems, reasoning_teacher_dir
+
+    teacher = tmp_path / "my_teacher"
+    shutil.copytree(reasoning_teacher_dir(), teacher)
+    data = tmp_path / "train.txt"
+    data.write_text("\n\n".join(p.text for p in generate_mixed_problems(80, seed=5)))
+    report = run_demo(teacher_dir=str(teacher), data=str(data), output_dir=str(tmp_path / "out"), steps=1,
+                      eval_per_hop=1, train_samples=80, batch_size=8, variants=("red",), plots=False,
+                      show_progress=False)
+    assert report["settings"]["data"] == str(data)
+    assert report["students"][0]["student_hidden_size"] == 64
+    assert len(report["students"][0]["erank"]) == len(report["teacher"]["erank"])
+    assert (tmp_path / "out" / "results.json").exists() and not (tmp_path / "out" / "accuracy_per_hop.png").exists()
