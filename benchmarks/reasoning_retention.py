@@ -78,9 +78,9 @@ def format_markdown(runs: dict[float, dict], rows: list[dict]) -> str:
 
 
 def plot_retention(rows: list[dict], teacher: dict, path: str) -> str:
-    from transformers_red.plots import _figure, _save
+    from transformers_red.plots import new_figure, save_figure
 
-    fig = _figure()
+    fig = new_figure()
     widths = sorted({r["width_ratio"] for r in rows}, reverse=True)
     for i, width in enumerate(widths):
         ax = fig.add_subplot(1, len(widths), i + 1)
@@ -92,7 +92,7 @@ def plot_retention(rows: list[dict], teacher: dict, path: str) -> str:
         ax.set(xlabel="hops", ylabel="exact match (%)" if i == 0 else None, ylim=(-2, 102),
                title=f"{width:.0%} width")
         ax.legend(fontsize=6)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,17 +114,17 @@ def format_results(report: dict) -> str:
 
 def plot(report: dict, output_dir: str) -> None:
     from transformers_red.evaluation import plot_erank
-    from transformers_red.plots import _figure, _save
+    from transformers_red.plots import new_figure, save_figure
 
     plot_erank(report["erank"], os.path.join(output_dir, "erank.png"), title="SmolLM2-135M: eRank per layer")
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for label, r in report["models"].items():
         if r.get("losses"):
             ax.plot([h["step"] for h in r["losses"]], [h["kd_loss"] for h in r["losses"]], marker=".", label=label)
     ax.set(xlabel="step", ylabel="KL(teacher || student) per token", yscale="log", title="Distillation loss")
     ax.legend(fontsize=8)
-    _save(fig, os.path.join(output_dir, "losses.png"))
+    save_figure(fig, os.path.join(output_dir, "losses.png"))
 
 
 def main(argv: list[str] | None = None) -> int:

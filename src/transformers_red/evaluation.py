@@ -467,16 +467,13 @@ def format_erank_table(eranks: dict[str, list[float]]) -> str:
 
 def plot_erank(eranks: dict[str, list[float]], path: str | os.PathLike, title: str | None = None) -> pathlib.Path:
     """Line plot of per-layer eRank, one line per model, saved as an image (PNG by suffix). Needs matplotlib."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-    except ImportError as err:
-        raise ImportError('Plotting needs matplotlib: pip install "transformers_red[plot]" (or matplotlib).') from err
+    from .plots import new_figure, save_figure
+
+    fig = new_figure(figsize=(7, 4), dpi=120)
+    from matplotlib.ticker import MaxNLocator
+
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(7, 4), dpi=120)  # Agg canvas, no pyplot: no display, no global backend change
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for label, values in eranks.items():
         ax.plot(range(len(values)), values, marker="o", markersize=3, label=label)
@@ -486,9 +483,7 @@ def plot_erank(eranks: dict[str, list[float]], path: str | os.PathLike, title: s
     ax.set_title(title or "Per-layer effective rank of hidden states")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -231,11 +231,14 @@ def _fused_chunks(student: torch.Tensor, teacher: torch.Tensor, targets: torch.T
     valid = targets != IGNORE_INDEX
     rows_with_loss = valid.nonzero()
     sums = torch.zeros(3, device=student.device)
-    if grad is not None:
-        grad.zero_()
     if rows_with_loss.numel() == 0:
+        if grad is not None:
+            grad.zero_()
         return sums
     first, last = int(rows_with_loss[0]), int(rows_with_loss[-1]) + 1
+    if grad is not None:  # the chunks write rows first..last-1 (ignored ones as zeros); zero only the rest
+        grad[:first].zero_()
+        grad[last:].zero_()
     weights = valid.float()
     safe_targets = targets.clamp_min(0)[:, None]
     for start in range(first, last, chunk_size):

@@ -1,4 +1,4 @@
-"""PNG plots of the demo (matplotlib, Agg backend; `pip install transformers_red[demo]`)."""
+"""PNG plots (matplotlib, Agg backend: no display, no pyplot global state; `pip install transformers_red[plot]`)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,20 @@ import os
 from typing import Any
 
 
-def _figure():
+def new_figure(figsize: tuple[float, float] = (7, 4.2), dpi: int = 110):
+    """A matplotlib Figure on an Agg canvas; a clear ImportError when matplotlib is missing."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:
-        raise ImportError('Plots need matplotlib: pip install "transformers_red[demo]".') from err
-    fig = Figure(figsize=(7, 4.2), dpi=110)
+        raise ImportError('Plotting needs matplotlib: pip install "transformers_red[plot]" (or matplotlib).') from err
+    fig = Figure(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig, path: str | os.PathLike) -> str | os.PathLike:
+    """tight_layout, then write `path` (format by suffix); returns `path`."""
     fig.tight_layout()
     fig.savefig(path)
     return path
@@ -30,7 +32,7 @@ def plot_demo(report: dict[str, Any], output_dir: str) -> list[str]:
     runs = [teacher] + students
     paths = []
 
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for label, run in zip(labels, runs):
         hops = [int(h) for h in run["accuracy"]]
@@ -38,17 +40,17 @@ def plot_demo(report: dict[str, Any], output_dir: str) -> list[str]:
     ax.set(xlabel="hops (composition steps)", ylabel="exact match (%)", ylim=(-2, 102),
            title="Held-out accuracy per hop count")
     ax.legend(fontsize=8)
-    paths.append(_save(fig, os.path.join(output_dir, "accuracy_per_hop.png")))
+    paths.append(save_figure(fig, os.path.join(output_dir, "accuracy_per_hop.png")))
 
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for label, run in zip(labels, runs):
         ax.plot(range(len(run["erank"])), run["erank"], marker=".", label=label)
     ax.set(xlabel="hidden state (0 = embedding output)", ylabel="effective rank", title="eRank per layer")
     ax.legend(fontsize=8)
-    paths.append(_save(fig, os.path.join(output_dir, "erank_per_layer.png")))
+    paths.append(save_figure(fig, os.path.join(output_dir, "erank_per_layer.png")))
 
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for student in students:
         for when, style in (("spectrum_init", "--"), ("spectrum_end", "-")):
@@ -57,5 +59,5 @@ def plot_demo(report: dict[str, Any], output_dir: str) -> list[str]:
                     label=f"{student['name']} s{student['seed']} ({'init' if when == 'spectrum_init' else 'end'})")
     ax.set(xlabel="index", ylabel="singular value", title="Spectrum of one projection (embedding) at init and end")
     ax.legend(fontsize=7)
-    paths.append(_save(fig, os.path.join(output_dir, "projection_spectra.png")))
+    paths.append(save_figure(fig, os.path.join(output_dir, "projection_spectra.png")))
     return paths

@@ -130,7 +130,8 @@ class RedDistillationTrainer(SFTTrainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks, **kwargs)
         self.model_accepts_loss_kwargs = True  # so Trainer counts num_items_in_batch for our loss
-        if args.keep_freed_cpu_memory and self.args.device.type == "cpu":
+        on_cpu = self.args.device.type == "cpu"
+        if args.keep_freed_cpu_memory and on_cpu:
             keep_freed_cpu_memory()
         if self._erank_callback is not None:
             self._erank_callback.trainer = self
@@ -140,7 +141,7 @@ class RedDistillationTrainer(SFTTrainer):
                                for term in args.clone_terms} if args.clone_weight > 0 else {}
         self._clone_names = frozenset(n for group in self._clone_modules.values() for n in group)
         # CPU: keep the loss scratch between steps (no allocator cache); CUDA's caching allocator reuses it anyway
-        self._loss_workspace = LogitLossWorkspace() if self.args.device.type == "cpu" else None
+        self._loss_workspace = LogitLossWorkspace() if on_cpu else None
 
     # ---------------------------------------------------------------------------------------- setup
     @staticmethod
