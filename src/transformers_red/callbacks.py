@@ -19,7 +19,8 @@ ERANK_FILE = "erank.json"
 class ERankCallback(TrainerCallback):
     """Every `every_steps` steps, measure the student's per-layer eRank on a fixed held-out batch.
 
-    The teacher is measured once (through `disable_adapter()`, no second copy). Logs `erank/mean`,
+    The teacher is measured once (through `disable_adapter()`, no second copy; or `teacher_model` when the student
+    is a plain model). Logs `erank/mean`,
     `erank/min`, `erank/min_layer`, `erank/teacher_mean` and `erank/ratio`; warns when the ratio of student to
     teacher mean eRank falls below `collapse_ratio`; keeps the history in `erank.json` in the output folder.
 
@@ -35,6 +36,7 @@ class ERankCallback(TrainerCallback):
         self.texts, self.tokenizer = texts, tokenizer
         self.every_steps, self.collapse_ratio, self.max_length = every_steps, collapse_ratio, max_length
         self.trainer: Any = None  # set by RedDistillationTrainer, used to log
+        self.teacher_model: Any = None  # measured as the teacher when set; else model.disable_adapter()
         self.teacher: list[float] | None = None
         self.history: list[dict[str, Any]] = []
 
@@ -43,7 +45,10 @@ class ERankCallback(TrainerCallback):
         was_training = model.training
         model.eval()
         try:
-            if self.teacher is None:
+            if self.teacher is None and self.teacher_model is not None:  # a plain student (train="weights")
+                self.teacher = layerwise_effective_rank(self.teacher_model, self.texts, self.tokenizer,
+                                                        max_length=self.max_length)
+            elif self.teacher is None:
                 with model.disable_adapter():
                     self.teacher = layerwise_effective_rank(model, self.texts, self.tokenizer,
                                                             max_length=self.max_length)

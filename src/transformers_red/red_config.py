@@ -9,12 +9,10 @@ from typing import Any
 import torch
 from trl import SFTConfig
 
+from .clone import CLONE_NORMALIZATIONS, CLONE_TERMS
 from .config import RedAdapterConfig
 
-CLONE_TERMS = ("q", "k", "v", "gate", "up", "attn", "ffn")
-# clone term -> wrapped module whose output it compares
-CLONE_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "gate": "gate_proj", "up": "up_proj",
-                 "attn": "o_proj", "ffn": "down_proj"}
+TRAIN_TARGETS = ("projections", "weights")
 
 
 @dataclass
@@ -48,6 +46,11 @@ class RedConfig(SFTConfig):
     red_adapter_config: dict[str, Any] | str | None = field(default=None, metadata={
         "help": "Full RedAdapterConfig as a dict (or JSON string on the CLI); overrides the shortcut fields."})
 
+    train: str = field(default="projections", metadata={
+        "help": "What is trained: 'projections' (RED / LRC: the projections and student norm gains over the frozen "
+                "teacher) or 'weights' (prune and distil, Minitron's recipe: the step-0 student is merged into a "
+                "plain model and its own weights are trained against the teacher)."})
+
     # Teacher
     teacher_model_name_or_path: str | None = field(default=None, metadata={
         "help": "Teacher to load when the trainer is given no model (local folder; safetensors only)."})
@@ -68,6 +71,10 @@ class RedConfig(SFTConfig):
     clone_output_space: str = field(default="student", metadata={
         "help": "Where attn/ffn outputs are compared: 'student' (paper: teacher output x its P) or 'teacher' "
                 "(LRC's code: student output lifted by P^T)."})
+    clone_normalization: str = field(default="teacher_mean_square", metadata={
+        "help": "'teacher_mean_square': each module's clone MSE divided by its target's mean square on the "
+                "calibration texts, averaged over layers (scale-free; default). 'none': the paper's plain MSE "
+                "summed over layers."})
     loss_chunk_size: int = field(default=1024, metadata={
         "help": "Tokens per chunk of the logit losses (bounds float32 (chunk, V) temporaries)."})
     disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the teacher and student."})
@@ -103,6 +110,11 @@ class RedConfig(SFTConfig):
             problems.append(f"unknown clone_terms {sorted(unknown)}; choose from {list(CLONE_TERMS)}")
         if self.clone_output_space not in ("student", "teacher"):
             problems.append(f"clone_output_space must be 'student' or 'teacher', got {self.clone_output_space!r}")
+        if self.clone_normalization not in CLONE_NORMALIZATIONS:
+            problems.append(f"clone_normalization must be one of {list(CLONE_NORMALIZATIONS)}, got "
+                            f"{self.clone_normalization!r}")
+        if self.train not in TRAIN_TARGETS:
+            problems.append(f"train must be one of {list(TRAIN_TARGETS)}, got {self.train!r}")
         if self.loss_chunk_size <= 0:
             problems.append(f"loss_chunk_size must be > 0, got {self.loss_chunk_size}")
         if self.erank_steps < 0 or self.erank_num_samples <= 0:

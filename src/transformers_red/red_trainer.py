@@ -25,15 +25,18 @@ from trl import SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import disable_dropout_in_model
 
+from .calibrate import materialise_batches
 from .callbacks import ERankCallback
+from .clone import CLONE_MODULES, CloneLoss, capture_outputs
 from .config import CONFIG_NAME
 from .cpu_memory import keep_freed_cpu_memory
-from .losses import (IGNORE_INDEX, LogitLossWorkspace, fused_logit_loss, generalized_jsd_loss, masked_mse_sum,
-                     shift_labels)
+from .data import position_ids_from_mask
+from .losses import IGNORE_INDEX, LogitLossWorkspace, fused_logit_loss, generalized_jsd_loss, shift_labels
 from .model import WEIGHTS_NAME, RedModel, get_red_model
-from .red_config import CLONE_MODULES, RedConfig
+from .red_config import RedConfig
 
 RED_CONFIG_FILE = "red_config.json"
+PLAIN_WEIGHTS_NAME = "model.safetensors"  # checkpoints of train="weights" (a plain model, saved by Trainer)
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -53,12 +56,17 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     if not os.path.isdir(output_dir):
         return None
     steps = sorted((int(m.group(1)), name) for name in os.listdir(output_dir)
-                   if (m := _CHECKPOINT_RE.match(name)) and os.path.isfile(os.path.join(output_dir, name, WEIGHTS_NAME)))
+                   if (m := _CHECKPOINT_RE.match(name)) and any(
+                       os.path.isfile(os.path.join(output_dir, name, w)) for w in (WEIGHTS_NAME, PLAIN_WEIGHTS_NAME)))
     return os.path.join(output_dir, steps[-1][1]) if steps else None
 
 
 class RedDistillationTrainer(SFTTrainer):
     """Distil a RED (or LRC) student from a teacher on a text dataset.
+
+    `args.train` chooses what is trained: "projections" (RED / LRC, the default) or "weights" (prune and
+    distil: the step-0 student, i.e. the teacher hard-pruned to the selected channels, merged into a plain model
+    whose own weights are trained against the frozen teacher with the same losses).
 
     Args:
         model: the teacher (`PreTrainedModel` or a local path), or an already built `RedModel`. None: load
@@ -109,8 +117,14 @@ class RedDistillationTrainer(SFTTrainer):
             processing_class = AutoTokenizer.from_pretrained(source)
         if isinstance(teacher_model, str):
             teacher_model = load_teacher(teacher_model, args.teacher_model_init_kwargs)
+        calibration, calibration_source = self._calibration_texts(args, train_dataset, calibration_dataset)
         if not isinstance(model, RedModel):
-            model = self._build_red_model(model, args, name, train_dataset, calibration_dataset, processing_class)
+            model = self._build_red_model(model, args, name, calibration, calibration_source, processing_class)
+        self._adapter_config = model.red_config
+        self._clone = self._build_clone_loss(model, args, calibration, processing_class)
+        self._trains_weights = args.train == "weights"
+        if self._trains_weights:
+            model, teacher_model = self._prune(model, teacher_model)
         if teacher_model is not None:
             student_vocab = model.config.get_text_config().vocab_size
             teacher_vocab = teacher_model.config.get_text_config().vocab_size
@@ -126,6 +140,7 @@ class RedDistillationTrainer(SFTTrainer):
             texts = self._erank_texts(erank_dataset if erank_dataset is not None else eval_dataset, args)
             self._erank_callback = ERankCallback(texts, processing_class, args.erank_steps, args.erank_collapse_ratio,
                                                  max_length=args.max_length or 256)
+            self._erank_callback.teacher_model = teacher_model if self._trains_weights else None
             callbacks = [*(callbacks or []), self._erank_callback]
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks, **kwargs)
@@ -136,10 +151,7 @@ class RedDistillationTrainer(SFTTrainer):
         if self._erank_callback is not None:
             self._erank_callback.trainer = self
         self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
-        self._clone_modules = {term: [n for n in self.red_model.targeted_module_names
-                                      if n.rsplit(".", 1)[-1] == CLONE_MODULES[term]]
-                               for term in args.clone_terms} if args.clone_weight > 0 else {}
-        self._clone_names = frozenset(n for group in self._clone_modules.values() for n in group)
+        self._clone_names = self._clone.names if self._clone is not None else frozenset()
         # CPU: keep the loss scratch between steps (no allocator cache); CUDA's caching allocator reuses it anyway
         self._loss_workspace = LogitLossWorkspace() if on_cpu else None
 
@@ -162,20 +174,58 @@ class RedDistillationTrainer(SFTTrainer):
         rows = dataset.select(range(min(count, len(dataset)))) if hasattr(dataset, "select") else dataset[:count]
         return [row[column] if isinstance(row, dict) else row for row in rows]
 
-    def _build_red_model(self, teacher: Any, args: RedConfig, name: str | None, train_dataset: Any,
-                         calibration_dataset: Any, tokenizer: Any) -> RedModel:
+    def _calibration_texts(self, args: RedConfig, train_dataset: Any, calibration_dataset: Any) -> tuple[Any, str]:
+        """The calibration data (channel statistics and clone normalisation) and a description of it; (None, "")
+        when neither is needed."""
+        if calibration_dataset is not None:
+            return calibration_dataset, "calibration_dataset"
+        config = args.adapter_config()
+        needs_channels = (config.init == "activation" or config.norm_init == "teacher") and (
+            config.channel_indices is None)
+        if not needs_channels and (args.clone_weight == 0 or args.clone_normalization == "none"):
+            return None, ""
+        texts = self._texts(train_dataset, args, args.adapter_config().calibration_num_samples)
+        return texts, f"first {len(texts)} texts of train_dataset"
+
+    def _build_red_model(self, teacher: Any, args: RedConfig, name: str | None, calibration: Any, source: str,
+                         tokenizer: Any) -> RedModel:
         config = args.adapter_config()
         config.teacher_name_or_path = config.teacher_name_or_path or name or getattr(teacher, "name_or_path", None)
         needs_channels = config.init == "activation" or config.norm_init == "teacher"
-        calibration = None
-        if needs_channels and config.channel_indices is None:
-            if calibration_dataset is None:
-                calibration = self._texts(train_dataset, args, config.calibration_num_samples)
-                config.calibration_source = f"first {len(calibration)} texts of train_dataset"
-            else:
-                calibration = calibration_dataset
-                config.calibration_source = config.calibration_source or "calibration_dataset"
+        if not (needs_channels and config.channel_indices is None):
+            calibration = None
+        elif config.calibration_source is None or source != "calibration_dataset":
+            config.calibration_source = source
         return get_red_model(teacher, config, calibration, tokenizer)
+
+    @staticmethod
+    def _build_clone_loss(red: RedModel, args: RedConfig, calibration: Any, tokenizer: Any) -> CloneLoss | None:
+        """The clone term over the wrapped modules, its normalisers measured on the calibration texts."""
+        if args.clone_weight == 0 or not args.clone_terms:
+            return None
+        names = {term: [n for n in red.targeted_module_names if n.rsplit(".", 1)[-1] == CLONE_MODULES[term]]
+                 for term in args.clone_terms}
+        clone = CloneLoss(names, red.projection, args.clone_output_space, args.clone_normalization)
+        if args.clone_normalization != "none":
+            config = red.red_config
+            batches = materialise_batches(calibration, tokenizer, batch_size=config.calibration_batch_size,
+                                          max_length=config.calibration_max_length,
+                                          num_samples=config.calibration_num_samples, seed=config.calibration_seed,
+                                          device=next(red.parameters()).device)
+            clone.calibrate(_teacher_outputs(red, batches, clone.names))
+        return clone
+
+    def _prune(self, red: RedModel, teacher_model: Any) -> tuple[Any, Any]:
+        """train="weights": the merged step-0 student (trainable) and the teacher (the user's, else RED's own)."""
+        if self._clone is not None:  # residual-space clone targets keep the initial projection, fixed
+            fixed = {n: red.projection(n).detach().clone() for group in ("attn", "ffn")
+                     for n in self._clone.module_names.get(group, [])}
+            self._clone.projection = fixed.__getitem__
+        student = red.merge_and_unload()
+        for p in student.parameters():
+            p.requires_grad_(True)
+        teacher = red.unload()
+        return student, teacher_model if teacher_model is not None else teacher
 
     def _erank_texts(self, dataset: Any, args: RedConfig) -> list[str]:
         if dataset is not None and not isinstance(dataset, dict):
@@ -201,45 +251,36 @@ class RedDistillationTrainer(SFTTrainer):
         """The `RedModel` being trained (unwrapped from any accelerate wrapper)."""
         model = self.accelerator.unwrap_model(self.model)
         if not isinstance(model, RedModel):
+            if self._trains_weights:
+                raise TypeError("RedConfig(train='weights') trains a plain pruned student, not a RedModel: use "
+                                "trainer.merged_student() (or trainer.model).")
             raise TypeError(f"Expected the trainer's model to be a RedModel, got {type(model).__name__}.")
         return model
+
+    def merged_student(self) -> Any:
+        """The plain student of width d_S: the merged RedModel (a new model), or with train="weights" the trained
+        model itself."""
+        if self._trains_weights:
+            return self.accelerator.unwrap_model(self.model)
+        return self.red_model.merge_and_unload(progressbar=False)
 
     # ----------------------------------------------------------------------------------------- loss
     @contextlib.contextmanager
     def _teacher_pass(self):
         """Yields (callable, captured activations) for the frozen teacher forward, without gradients."""
-        red = self.red_model
         with torch.no_grad():
             if self.teacher_model is None:
+                red = self.red_model
                 with red.disable_adapter(), red.capture_activations(self._clone_names) as acts:
                     yield self.model, acts
             else:
-                acts: dict[str, torch.Tensor] = {}
-                names = self._clone_names
-                hooks = [self.accelerator.unwrap_model(self.teacher_model).get_submodule(n).register_forward_hook(
-                    lambda _m, _i, out, n=n: acts.__setitem__(n, out)) for n in names]
-                try:
+                with capture_outputs(self.accelerator.unwrap_model(self.teacher_model), self._clone_names) as acts:
                     yield self.teacher_model, acts
-                finally:
-                    for h in hooks:
-                        h.remove()
 
-    def _clone_sums(self, student: dict, teacher: dict, token_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per clone term, the sum over layers of the masked per-token MSE."""
-        red, sums = self.red_model, {}
-        for term, names in self._clone_modules.items():
-            total = token_mask.new_zeros((), dtype=torch.float32)
-            for name in names:
-                s, t = student[name], teacher[name]
-                if term in ("attn", "ffn"):  # residual-space outputs: bring both to one space through P
-                    proj = red.projection(name)
-                    if self.args.clone_output_space == "student":
-                        t = t.to(proj.dtype) @ proj
-                    else:
-                        s = s @ proj.T
-                total = total + masked_mse_sum(s, t, token_mask)
-            sums[term] = total
-        return sums
+    def _student_capture(self, model: Any):
+        if self._trains_weights:
+            return capture_outputs(self.accelerator.unwrap_model(model), self._clone_names)
+        return self.red_model.capture_activations(self._clone_names)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """CE + KL/JSD at temperature + alpha x clone MSE, summed over trained tokens / num_items_in_batch."""
@@ -249,7 +290,7 @@ class RedDistillationTrainer(SFTTrainer):
         forward_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
         with self._teacher_pass() as (teacher, teacher_acts):
             teacher_logits = teacher(**forward_inputs, use_cache=False).logits
-        with self.red_model.capture_activations(self._clone_names) as student_acts:
+        with self._student_capture(model) as student_acts:
             outputs = model(**forward_inputs, use_cache=False)
         logit_loss, (kd, ce, teacher_ce) = fused_logit_loss(
             outputs.logits, teacher_logits, labels, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
@@ -257,7 +298,7 @@ class RedDistillationTrainer(SFTTrainer):
             workspace=self._loss_workspace)
         del teacher_logits
         token_mask = shift_labels(labels) != IGNORE_INDEX
-        clone = self._clone_sums(student_acts, teacher_acts, token_mask)
+        clone = self._clone.sums(student_acts, teacher_acts, token_mask) if self._clone is not None else {}
         clone_total = sum(clone.values()) if clone else ce.new_zeros(())
         local_tokens = token_mask.sum().clamp_min(1)
         denominator = local_tokens if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).to(ce)
@@ -319,9 +360,13 @@ class RedDistillationTrainer(SFTTrainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Checkpoint: the adapter state (projections, norm gains, config with the selected channels)."""
         output_dir = output_dir or self.args.output_dir
-        self.red_model.save_pretrained(output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
+        if self._trains_weights:  # a plain model: Trainer's own save (safetensors, tokenizer)
+            super()._save(output_dir, state_dict)
+            self._adapter_config.save_pretrained(output_dir)  # the channel selection, checked on resume
+        else:
+            self.red_model.save_pretrained(output_dir)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
         if self._erank_callback is not None:
             self._erank_callback.write(output_dir)
 
@@ -339,7 +384,7 @@ class RedDistillationTrainer(SFTTrainer):
         os.makedirs(output_dir, exist_ok=True)
         staging = os.path.join(output_dir, ".staging-student")
         shutil.rmtree(staging, ignore_errors=True)
-        student = self.red_model.merge_and_unload(progressbar=False)
+        student = self.merged_student()
         student.save_pretrained(staging)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(staging)
@@ -355,16 +400,17 @@ class RedDistillationTrainer(SFTTrainer):
 
     def red_summary(self) -> dict[str, Any]:
         """What the saved student's `red_config.json` records: adapter, loss and training amount."""
-        red, args = self.red_model, self.args
-        keys = ("temperature", "beta", "ce_weight", "kd_weight", "clone_weight", "clone_terms",
-                "clone_output_space", "learning_rate", "max_length", "seed")
+        config, args = self._adapter_config, self.args
+        keys = ("train", "temperature", "beta", "ce_weight", "kd_weight", "clone_weight", "clone_terms",
+                "clone_output_space", "clone_normalization", "learning_rate", "max_length", "seed")
         erank_source = None
         if self._erank_callback is not None:
             erank_source = f"{len(self._erank_callback.texts)} held-out texts ({self._erank_source})"
-        return {"adapter": red.red_config.to_dict(), "distillation": {k: getattr(args, k) for k in keys},
+        return {"adapter": config.to_dict(), "distillation": {k: getattr(args, k) for k in keys},
                 "erank_source": erank_source,
                 "global_step": self.state.global_step, "tokens_trained": self._total_train_tokens,
-                "teacher_hidden_size": red.teacher_hidden_size, "student_hidden_size": red.student_hidden_size}
+                "teacher_hidden_size": config.teacher_hidden_size,
+                "student_hidden_size": config.resolve_hidden_size(config.teacher_hidden_size)}
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
                     token: str | None = None, revision: str | None = None, private: bool | None = None,
@@ -400,20 +446,36 @@ class RedDistillationTrainer(SFTTrainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        """Restore the adapter state (optimizer, scheduler and RNG are restored by Trainer)."""
-        weights = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
+        """Restore the adapter state, or with train="weights" the student's weights (optimizer, scheduler and RNG
+        are restored by Trainer)."""
+        weights = os.path.join(resume_from_checkpoint, PLAIN_WEIGHTS_NAME if self._trains_weights else WEIGHTS_NAME)
         if not os.path.isfile(weights) or not os.path.isfile(os.path.join(resume_from_checkpoint, CONFIG_NAME)):
-            raise ValueError(f"{resume_from_checkpoint} is not a complete RED checkpoint (no {WEIGHTS_NAME}).")
-        red = self.red_model
+            raise ValueError(f"{resume_from_checkpoint} is not a complete RED checkpoint of train="
+                             f"{self.args.train!r} (no {os.path.basename(weights)} or {CONFIG_NAME}).")
         with open(os.path.join(resume_from_checkpoint, CONFIG_NAME), encoding="utf-8") as f:
             saved_channels = json.load(f).get("channel_indices")
-        if saved_channels != red.red_config.channel_indices:
+        if saved_channels != self._adapter_config.channel_indices:
             raise ValueError(f"{resume_from_checkpoint} was trained with other selected channels than this "
                              "trainer's student; resume with the same teacher, calibration data and config.")
-        red.load_adapter_state_dict(load_file(weights, device=str(next(red.parameters()).device)))
+        if self._trains_weights:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        else:
+            red = self.red_model
+            red.load_adapter_state_dict(load_file(weights, device=str(next(red.parameters()).device)))
         if self._erank_callback is not None:
             self._erank_callback.load(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         if self.state.best_model_checkpoint:
             self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+@torch.no_grad()
+def _teacher_outputs(red: RedModel, batches: list[dict[str, torch.Tensor]], names: frozenset[str]):
+    """Yields (captured outputs of `names`, (B, T) token mask) of the teacher pass over each batch."""
+    for batch in batches:
+        mask = batch["attention_mask"]
+        with red.disable_adapter(), red.capture_activations(names) as outputs:
+            red(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                use_cache=False)
+        yield outputs, mask.bool()

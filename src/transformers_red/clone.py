@@ -1,0 +1,111 @@
+"""Step 3 of the pipeline (part): the activation-clone term of the loss (method.md section 2).
+
+The clone term compares module outputs of the student and the teacher: the q, k, v, gate, up pre-activations
+(same inner width in both) and the attention / FFN outputs (residual space, brought into one space through the
+module's projection P). Two forms:
+
+- `"none"`: LRC's and the paper's plain MSE, summed over layers. Its scale is the scale of the teacher's
+  activations, so on a model with massive activations (SmolLM2: a few residual channels of size ~1e3 that RED's
+  selection keeps) it is ~99 % of the loss and drowns the logit terms.
+- `"teacher_mean_square"` (default): each module's MSE divided by the mean square of its target on the
+  calibration texts (measured once, at initialisation), then averaged over layers: a relative error, the same
+  scale for every model, layer and init. The divisors are constants, so gradient accumulation stays exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .losses import masked_mse_sum
+
+CLONE_TERMS = ("q", "k", "v", "gate", "up", "attn", "ffn")
+# clone term -> module whose output it compares
+CLONE_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "gate": "gate_proj", "up": "up_proj",
+                 "attn": "o_proj", "ffn": "down_proj"}
+RESIDUAL_TERMS = ("attn", "ffn")
+CLONE_NORMALIZATIONS = ("teacher_mean_square", "none")
+
+
+@contextlib.contextmanager
+def capture_outputs(model: nn.Module, names: Iterable[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the outputs of `model`'s submodules `names` during forwards in this context (forward hooks).
+
+    For plain models (a separate teacher, a merged student); a `RedModel` has its own `capture_activations`.
+    """
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda _m, _i, out, n=n: outputs.__setitem__(n, out))
+             for n in names]
+    try:
+        yield outputs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+class CloneLoss:
+    """Per clone term, the sum over trained tokens of the (normalised) per-token MSE, over layers.
+
+    Args:
+        module_names: clone term -> the module names (one per layer) whose outputs it compares.
+        projection: module name -> its (d_T, d_S) projection P (used for the attention / FFN outputs).
+        output_space: "student" (teacher output @ P against the student output; the paper) or "teacher"
+            (student output @ P^T against the teacher output; LRC's code).
+        normalization: "teacher_mean_square" or "none" (see the module docstring).
+    """
+
+    def __init__(self, module_names: dict[str, list[str]], projection: Callable[[str], torch.Tensor],
+                 output_space: str = "student", normalization: str = "teacher_mean_square"):
+        self.module_names, self.projection = module_names, projection
+        self.output_space, self.normalization = output_space, normalization
+        self.scales: dict[str, float] | None = None  # module name -> target mean square, set by `calibrate`
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(n for group in self.module_names.values() for n in group)
+
+    def pair(self, term: str, name: str, student: torch.Tensor, teacher: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student, target) of one module in the space where they are compared, each (B, T, D)."""
+        if term not in RESIDUAL_TERMS:
+            return student, teacher
+        proj = self.projection(name)
+        if self.output_space == "student":
+            return student, teacher.to(proj.dtype) @ proj
+        return student @ proj.T, teacher
+
+    @torch.no_grad()
+    def calibrate(self, teacher_outputs: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> None:
+        """Measure each module's target mean square from teacher passes (outputs per name, (B, T) token mask)."""
+        if self.normalization == "none":
+            return
+        sums = dict.fromkeys(self.names, 0.0)
+        tokens = 0
+        for outputs, mask in teacher_outputs:
+            tokens += int(mask.sum())
+            for term, names in self.module_names.items():
+                for name in names:
+                    _, target = self.pair(term, name, outputs[name], outputs[name])
+                    sums[name] += float(masked_mse_sum(target, torch.zeros_like(target), mask))
+        if tokens == 0:
+            raise ValueError("The clone normalisation needs calibration texts with at least one token.")
+        # a module whose target is exactly zero would divide by 0: leave it unnormalised
+        self.scales = {name: (total / tokens) or 1.0 for name, total in sums.items()}
+
+    def sums(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
+             token_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per term, () float32 summed over the tokens where `token_mask` (B, T) is True."""
+        if self.normalization != "none" and self.scales is None:
+            raise RuntimeError("CloneLoss.calibrate must run before the normalised clone loss is used.")
+        result = {}
+        for term, names in self.module_names.items():
+            total = token_mask.new_zeros((), dtype=torch.float32)
+            for name in names:
+                s, t = self.pair(term, name, student[name], teacher[name])
+                value = masked_mse_sum(s, t, token_mask)
+                total = total + (value if self.scales is None else value / self.scales[name])
+            result[term] = total if self.normalization == "none" else total / max(1, len(names))
+        return result
