@@ -38,6 +38,13 @@ def make_trainer(tmp_path, dataset, tokenizer, teacher, **kwargs):
                                   processing_class=tokenizer)
 
 
+def trained_state(trainer):
+    """What the trainer trains: the adapter state (projections, norm gains), or the plain student's weights."""
+    if trainer.args.train == "weights":
+        return {k: v.detach() for k, v in trainer.model.state_dict().items()}
+    return trainer.red_model.adapter_state_dict()
+
+
 def losses(trainer, key="loss"):
     return [h[key] for h in trainer.state.log_history if key in h and "train_runtime" not in h]
 
@@ -180,21 +187,24 @@ def test_capture_activations_records_only_named_modules(input_ids):
 
 
 # -------------------------------------------------------------------------------------------- training
-def test_gradient_accumulation_1x8_equals_8x1(tmp_path, train_texts, tokenizer, trained_teacher):
+@pytest.mark.parametrize("train, normalization", [("projections", "teacher_mean_square"), ("projections", "none"),
+                                                   ("weights", "teacher_mean_square")])
+def test_gradient_accumulation_1x8_equals_8x1(tmp_path, train_texts, tokenizer, trained_teacher, train, normalization):
     runs = {}
     for batch, accumulation in ((8, 1), (1, 8)):
         trainer = make_trainer(tmp_path / f"{batch}x{accumulation}", train_texts, tokenizer, trained_teacher(), max_steps=1,
                                per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-                               optim="sgd", learning_rate=0.5, shuffle_dataset=False)
-        initial = {k: v.clone() for k, v in trainer.red_model.adapter_state_dict().items()}
+                               optim="sgd", learning_rate=0.5, shuffle_dataset=False, train=train,
+                               clone_normalization=normalization)
+        initial = {k: v.clone() for k, v in trained_state(trainer).items()}
         trainer.train()
-        runs[batch] = (losses(trainer)[0], {k: v.detach().clone() for k, v in
-                                            trainer.red_model.adapter_state_dict().items()})
+        runs[batch] = (losses(trainer)[0], {k: v.clone() for k, v in trained_state(trainer).items()})
     (loss_a, state_a), (loss_b, state_b) = runs[8], runs[1]
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     for key in state_a:  # tolerance: float32 sums in another order (padding differs between the two)
         torch.testing.assert_close(state_a[key], state_b[key], rtol=1e-5, atol=1e-6)
-    assert all(not torch.equal(state_a[k], initial[k]) for k in state_a), "the step changed nothing"
+    unchanged = [k for k in state_a if torch.equal(state_a[k], initial[k])]
+    assert not unchanged, f"the step changed nothing in {unchanged[:3]}"
 
 
 def test_training_lowers_losses_and_activation_beats_random_at_step_one(tmp_path, train_texts, tokenizer, trained_teacher):
@@ -223,8 +233,9 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resume_continues_exactly(tmp_path, train_texts, tokenizer, trained_teacher):
-    common = dict(max_steps=10, save_strategy="steps", save_steps=5, erank_steps=5, erank_num_samples=2)
+@pytest.mark.parametrize("train", ["projections", "weights"])
+def test_resume_continues_exactly(tmp_path, train_texts, tokenizer, trained_teacher, train):
+    common = dict(max_steps=10, save_strategy="steps", save_steps=5, erank_steps=5, erank_num_samples=2, train=train)
     straight = make_trainer(tmp_path / "straight", train_texts, tokenizer, trained_teacher(), **common)
     straight.train()
     first = make_trainer(tmp_path / "resumed", train_texts, tokenizer, trained_teacher(), **common)
@@ -234,8 +245,8 @@ def test_resume_continues_exactly(tmp_path, train_texts, tokenizer, trained_teac
     assert not any(n.startswith(".staging") for n in os.listdir(tmp_path / "resumed" / "out"))
     second = make_trainer(tmp_path / "resumed", train_texts, tokenizer, trained_teacher(), **common)
     second.train(resume_from_checkpoint=True)
-    for key, value in straight.red_model.adapter_state_dict().items():
-        torch.testing.assert_close(second.red_model.adapter_state_dict()[key], value, rtol=0, atol=1e-6)
+    for key, value in trained_state(straight).items():
+        torch.testing.assert_close(trained_state(second)[key], value, rtol=0, atol=1e-6)
     assert losses(first) == pytest.approx(losses(straight)[:5], rel=1e-6)
     assert len(losses(second)) == 10  # the first five come back with the checkpoint's trainer state
     assert losses(second)[5:] == pytest.approx(losses(straight)[5:], rel=1e-6)
@@ -257,8 +268,10 @@ def test_one_copy_of_teacher_weights(tmp_path, train_texts, tokenizer):
         assert same == {param.untyped_storage().data_ptr()}, f"{name} is held {len(same)} times"
 
 
-def test_save_model_writes_plain_student(tmp_path, train_texts, tokenizer, teacher, input_ids):
-    trainer = make_trainer(tmp_path, train_texts, tokenizer, teacher, max_steps=2, erank_steps=1, erank_num_samples=2)
+@pytest.mark.parametrize("train", ["projections", "weights"])
+def test_save_model_writes_plain_student(tmp_path, train_texts, tokenizer, teacher, input_ids, train):
+    trainer = make_trainer(tmp_path, train_texts, tokenizer, teacher, max_steps=2, erank_steps=1, erank_num_samples=2,
+                           train=train)
     trainer.train()
     out = tmp_path / "student"
     trainer.save_model(str(out))
@@ -268,10 +281,11 @@ def test_save_model_writes_plain_student(tmp_path, train_texts, tokenizer, teach
     assert not any(n.startswith(".staging") for n in files)
     student = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     with torch.no_grad():
-        torch.testing.assert_close(student(input_ids).logits, trainer.red_model(input_ids).logits,
-                                   rtol=0, atol=1e-4)
+        torch.testing.assert_close(student(input_ids).logits, trainer.model(input_ids).logits, rtol=0, atol=1e-4)
     summary = json.load(open(out / "red_config.json"))
     assert summary["student_hidden_size"] == 32 and summary["distillation"]["temperature"] == 1.0
+    assert summary["distillation"]["train"] == train
+    assert summary["distillation"]["clone_normalization"] == "teacher_mean_square"
     assert summary["adapter"]["calibration_source"] == "first 8 texts of train_dataset"
     assert summary["global_step"] == 2 and summary["tokens_trained"] > 0
 
@@ -314,3 +328,21 @@ def test_cpu_training_keeps_freed_memory_unless_disabled(tmp_path, train_texts, 
     assert calls == [1]
     if platform.libc_ver()[0] == "glibc":
         assert keep_freed_cpu_memory() is True  # mallopt accepted both settings
+
+
+def test_prompt_completion_data_calibrates_on_whole_rows_and_trains_on_completions(tmp_path, tokenizer, trained_teacher):
+    prompts = [f"Question {i}: what is {i} plus {i}? " for i in range(16)]
+    completions = [f"Answer: {2 * i}." for i in range(16)]
+    dataset = datasets.Dataset.from_dict({"prompt": prompts, "completion": completions})
+    trainer = make_trainer(tmp_path, dataset, tokenizer, trained_teacher(), max_steps=1, shuffle_dataset=False)
+    assert trainer.red_model.red_config.calibration_source == "first 8 texts of train_dataset"
+    assert trainer._texts(dataset, trainer.args, 2, tokenizer) == [prompts[0] + completions[0],
+                                                                  prompts[1] + completions[1]]
+    batch = next(iter(trainer.get_train_dataloader()))
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        trained = (labels != -100).nonzero()[:, 0]
+        # the losses count completion tokens only: everything before the first trained position is a prompt
+        assert tokenizer.decode(ids[:int(trained[0])], skip_special_tokens=True) in prompts
+        assert tokenizer.decode(ids[trained], skip_special_tokens=True) in completions
+    trainer.train()
+    assert losses(trainer, "clone_loss")[0] > 0

@@ -117,7 +117,8 @@ class RedDistillationTrainer(SFTTrainer):
             processing_class = AutoTokenizer.from_pretrained(source)
         if isinstance(teacher_model, str):
             teacher_model = load_teacher(teacher_model, args.teacher_model_init_kwargs)
-        calibration, calibration_source = self._calibration_texts(args, train_dataset, calibration_dataset)
+        calibration, calibration_source = self._calibration_texts(args, train_dataset, calibration_dataset,
+                                                                  processing_class)
         if not isinstance(model, RedModel):
             model = self._build_red_model(model, args, name, calibration, calibration_source, processing_class)
         self._adapter_config = model.red_config
@@ -137,7 +138,8 @@ class RedDistillationTrainer(SFTTrainer):
                 disable_dropout_in_model(teacher_model)
         self._erank_callback = None
         if args.erank_steps > 0:
-            texts = self._erank_texts(erank_dataset if erank_dataset is not None else eval_dataset, args)
+            texts = self._erank_texts(erank_dataset if erank_dataset is not None else eval_dataset, args,
+                                      processing_class)
             self._erank_callback = ERankCallback(texts, processing_class, args.erank_steps, args.erank_collapse_ratio,
                                                  max_length=args.max_length or 256)
             self._erank_callback.teacher_model = teacher_model if self._trains_weights else None
@@ -168,13 +170,13 @@ class RedDistillationTrainer(SFTTrainer):
             raise ValueError(f"{what} has no {args.dataset_text_field!r} column (columns: {columns}). Rename the "
                              "text column or set RedConfig(dataset_text_field=...).")
 
-    @staticmethod
-    def _texts(dataset: Any, args: RedConfig, count: int) -> list[str]:
-        column = args.dataset_text_field
+    def _texts(self, dataset: Any, args: RedConfig, count: int, tokenizer: Any = None) -> list[str]:
+        """The first `count` rows of `dataset` as texts (language modelling, prompt-completion or conversational)."""
         rows = dataset.select(range(min(count, len(dataset)))) if hasattr(dataset, "select") else dataset[:count]
-        return [row[column] if isinstance(row, dict) else row for row in rows]
+        return [_row_text(row, args.dataset_text_field, tokenizer) for row in rows]
 
-    def _calibration_texts(self, args: RedConfig, train_dataset: Any, calibration_dataset: Any) -> tuple[Any, str]:
+    def _calibration_texts(self, args: RedConfig, train_dataset: Any, calibration_dataset: Any,
+                           tokenizer: Any) -> tuple[Any, str]:
         """The calibration data (channel statistics and clone normalisation) and a description of it; (None, "")
         when neither is needed."""
         if calibration_dataset is not None:
@@ -184,7 +186,7 @@ class RedDistillationTrainer(SFTTrainer):
             config.channel_indices is None)
         if not needs_channels and (args.clone_weight == 0 or args.clone_normalization == "none"):
             return None, ""
-        texts = self._texts(train_dataset, args, args.adapter_config().calibration_num_samples)
+        texts = self._texts(train_dataset, args, args.adapter_config().calibration_num_samples, tokenizer)
         return texts, f"first {len(texts)} texts of train_dataset"
 
     def _build_red_model(self, teacher: Any, args: RedConfig, name: str | None, calibration: Any, source: str,
@@ -227,12 +229,12 @@ class RedDistillationTrainer(SFTTrainer):
         teacher = red.unload()
         return student, teacher_model if teacher_model is not None else teacher
 
-    def _erank_texts(self, dataset: Any, args: RedConfig) -> list[str]:
+    def _erank_texts(self, dataset: Any, args: RedConfig, tokenizer: Any) -> list[str]:
         if dataset is not None and not isinstance(dataset, dict):
             self._erank_source = "given dataset"
             if isinstance(dataset, list):
                 return dataset[: args.erank_num_samples]
-            return self._texts(dataset, args, args.erank_num_samples)
+            return self._texts(dataset, args, args.erank_num_samples, tokenizer)
         from .resources import builtin_texts
 
         self._erank_source = "Python documentation paragraphs, transformers_red.resources.builtin_texts"
@@ -468,6 +470,29 @@ class RedDistillationTrainer(SFTTrainer):
     def _load_best_model(self) -> None:
         if self.state.best_model_checkpoint:
             self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+def _row_text(row: Any, text_field: str, tokenizer: Any) -> str:
+    """One dataset row as the text the model reads: the text field, prompt + completion, or a chat rendered with
+    the tokenizer's template (TRL's dataset formats)."""
+    if not isinstance(row, dict):
+        return row
+    if text_field in row:
+        return row[text_field]
+    if "messages" in row:
+        return _render(row["messages"], tokenizer)
+    if "prompt" in row:
+        return _render(row["prompt"], tokenizer) + _render(row.get("completion", ""), tokenizer)
+    raise ValueError(f"Cannot read a text from a row with keys {sorted(row)}: give a {text_field!r} column, "
+                     "prompt/completion columns or a messages column.")
+
+
+def _render(part: Any, tokenizer: Any) -> str:
+    if isinstance(part, str):
+        return part
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("Conversational data needs a tokenizer with a chat template (processing_class).")
+    return tokenizer.apply_chat_template(part, tokenize=False)
 
 
 @torch.no_grad()

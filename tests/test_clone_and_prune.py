@@ -1,0 +1,131 @@
+"""The normalised clone term, `RedConfig(train="weights")` (prune and distil), and the real-model arms benchmark."""
+
+import importlib.util
+import json
+import pathlib
+
+import datasets
+import pytest
+import torch
+
+from transformers_red import RedConfig, RedDistillationTrainer
+from transformers_red.clone import CloneLoss
+from transformers_red.layer import RedLayer
+from transformers_red.resources import builtin_texts
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def train_texts():
+    return datasets.Dataset.from_dict({"text": builtin_texts(64)})
+
+
+def make_trainer(tmp_path, dataset, tokenizer, teacher, **kwargs):
+    defaults = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, max_length=48,
+                    logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, learning_rate=1e-2,
+                    calibration_num_samples=8, disable_tqdm=True)
+    return RedDistillationTrainer(model=teacher, args=RedConfig(**{**defaults, **kwargs}), train_dataset=dataset,
+                                  processing_class=tokenizer)
+
+
+# ------------------------------------------------------------------------------------------ clone term
+def test_normalised_clone_loss_does_not_depend_on_the_activation_scale():
+    gen = torch.Generator().manual_seed(0)
+    proj = torch.randn(6, 3, generator=gen)
+    names = {"q": ["l0.q", "l1.q"], "attn": ["l0.o"]}
+    student = {"l0.q": torch.randn(2, 4, 5, generator=gen), "l1.q": torch.randn(2, 4, 5, generator=gen),
+               "l0.o": torch.randn(2, 4, 3, generator=gen)}
+    teacher = {"l0.q": torch.randn(2, 4, 5, generator=gen), "l1.q": torch.randn(2, 4, 5, generator=gen),
+               "l0.o": torch.randn(2, 4, 6, generator=gen)}
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+
+    def sums(scale, normalization):
+        clone = CloneLoss(names, {"l0.o": proj}.__getitem__, "student", normalization)
+        scaled_t = {k: v * scale for k, v in teacher.items()}
+        clone.calibrate([(scaled_t, mask)])
+        return clone, clone.sums({k: v * scale for k, v in student.items()}, scaled_t, mask)
+
+    clone, base = sums(1.0, "teacher_mean_square")
+    # hand computation: scale = mean over valid tokens of mean over dims of the target squared
+    target = teacher["l0.o"] @ proj
+    assert clone.scales["l0.o"] == pytest.approx(float(target[mask].pow(2).mean()), rel=1e-6)
+    per_layer = [float((student[n] - teacher[n])[mask].pow(2).mean(-1).sum() / teacher[n][mask].pow(2).mean())
+                 for n in names["q"]]
+    assert float(base["q"]) == pytest.approx(sum(per_layer) / 2, rel=1e-5)  # mean over layers
+    _, scaled = sums(1e3, "teacher_mean_square")
+    for term in names:
+        assert float(scaled[term]) == pytest.approx(float(base[term]), rel=1e-4)
+    _, plain, = sums(1.0, "none")
+    _, plain_scaled = sums(1e3, "none")
+    assert float(plain_scaled["q"]) == pytest.approx(1e6 * float(plain["q"]), rel=1e-4)  # the paper's MSE scales
+    with pytest.raises(RuntimeError, match="calibrate must run"):
+        CloneLoss(names, {"l0.o": proj}.__getitem__).sums(student, teacher, mask)
+
+
+def test_clone_normalisers_are_the_teacher_targets_mean_squares(tmp_path, train_texts, tokenizer, trained_teacher):
+    trainer = make_trainer(tmp_path, train_texts, tokenizer, trained_teacher())
+    reference = trained_teacher().eval()
+    channels = trainer.red_model.channel_indices
+    outputs = {}
+    hooks = [reference.get_submodule(n).register_forward_hook(lambda _m, _i, out, n=n: outputs.setdefault(n, []).append(
+        out[0])) for n in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")]
+    with torch.no_grad():
+        for text in builtin_texts(64)[:8]:  # calibration: the first 8 texts, one at a time (no padding)
+            reference(input_ids=tokenizer(text, return_tensors="pt").input_ids)
+    for h in hooks:
+        h.remove()
+    q = torch.cat(outputs["model.layers.0.self_attn.q_proj"])
+    down = torch.cat(outputs["model.layers.1.mlp.down_proj"])[:, channels]  # student space: P is the selection
+    scales = trainer._clone.scales
+    assert scales["model.layers.0.self_attn.q_proj"] == pytest.approx(float(q.pow(2).mean()), rel=1e-4)
+    assert scales["model.layers.1.mlp.down_proj"] == pytest.approx(float(down.pow(2).mean()), rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------ prune and distil
+def test_weights_mode_starts_at_the_hard_pruned_teacher_and_keeps_the_teacher(tmp_path, train_texts, tokenizer,
+                                                                              trained_teacher, input_ids):
+    red = make_trainer(tmp_path / "red", train_texts, tokenizer, trained_teacher())
+    pruned = make_trainer(tmp_path / "pruned", train_texts, tokenizer, trained_teacher(), train="weights")
+    student, teacher = pruned.model, pruned.teacher_model
+    assert not any(isinstance(m, RedLayer) for m in [*student.modules(), *teacher.modules()])
+    assert type(student).__name__ == "LlamaForCausalLM" and student.config.hidden_size == 32
+    assert all(p.requires_grad for p in student.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    reference = trained_teacher().eval()
+    with torch.no_grad():
+        # step 0: the plain student is RED's step-0 student (the teacher pruned to the selected channels)
+        torch.testing.assert_close(student(input_ids).logits, red.red_model(input_ids).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(teacher(input_ids).logits, reference(input_ids).logits, rtol=0, atol=0)
+    assert red._clone.scales == pytest.approx(pruned._clone.scales, rel=1e-6)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    pruned.train()
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items()), "the teacher moved"
+    assert pruned.state.log_history[0]["clone_loss"] > 0
+    with pytest.raises(TypeError, match="train='weights'"):
+        pruned.red_model
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+def test_real_model_arms_benchmark_runs_every_arm(tmp_path, trained_teacher, tokenizer):
+    """A 10-step CPU smoke run of every arm of benchmarks/real_model_arms.py on a tiny trained teacher."""
+    teacher_dir = tmp_path / "teacher"
+    trained_teacher().save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    spec = importlib.util.spec_from_file_location("real_model_arms", BENCHMARKS / "real_model_arms.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "arms"
+    bench.main(["--teacher", str(teacher_dir), "--steps", "10", "--eval-every", "5", "--match-steps", "5",
+                "--max-length", "48", "--train-samples", "48", "--problems", "4", "--max-new-tokens", "8",
+                "--eval-batch-size", "4", "--erank-texts", "2", "--learning-rate", "1e-3", "--output-dir", str(out)])
+    report = json.loads((out / "results.json").read_text())
+    assert list(report["arms"]) == list(bench.ARMS)
+    for arm, run in report["arms"].items():
+        assert [r["step"] for r in run["records"]] == [5, 10], arm
+        assert all("exact_match" in r and 0 < r["ppl_reasoning"] < float("inf") for r in run["records"]), arm
+        assert len(run["records"][-1]["erank"]) == 3  # embedding output + 2 layers
+    text = (out / "results.md").read_text()
+    assert "At equal steps (10)" in text and "At equal training time" in text and "prune and distil" in text
+    assert (out / "perplexity.png").read_bytes()[:4] == b"\x89PNG"
+    assert bench.final_answer("so 3 + 4 = 7\n#### 1,007\n") == "1007" and bench.final_answer("no answer") is None
