@@ -79,7 +79,7 @@ def build_data(train_samples: int, problems: int, seed: int = 0):
     reasoning, generic = reasoning_texts(train_samples // 2 + 1, seed=seed), generic[:-64]
     train = [t for i, r in enumerate(reasoning) for t in (r, generic[i % len(generic)])][:train_samples]
     unseen = []
-    for text in reasoning_texts(problems, seed=seed + 2):
+    for text in reasoning_texts(problems, seed=seed + 2) if problems else []:
         question, answer = text.split("\nAnswer:", 1)
         unseen.append((question + "\nAnswer:", final_answer(answer)))
     return train, held_out, unseen

@@ -1,8 +1,4 @@
-"""The normalised clone term, `RedConfig(train="weights")` (prune and distil), and the real-model arms benchmark."""
-
-import importlib.util
-import json
-import pathlib
+"""The normalised clone term and `RedConfig(train="weights")` (prune and distil)."""
 
 import datasets
 import pytest
@@ -12,8 +8,6 @@ from transformers_red import RedConfig, RedDistillationTrainer
 from transformers_red.clone import CloneLoss
 from transformers_red.layer import RedLayer
 from transformers_red.resources import builtin_texts
-
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
@@ -104,28 +98,3 @@ def test_weights_mode_starts_at_the_hard_pruned_teacher_and_keeps_the_teacher(tm
     assert pruned.state.log_history[0]["clone_loss"] > 0
     with pytest.raises(TypeError, match="train='weights'"):
         pruned.red_model
-
-
-# ------------------------------------------------------------------------------------------ benchmark
-def test_real_model_arms_benchmark_runs_every_arm(tmp_path, trained_teacher, tokenizer):
-    """A 10-step CPU smoke run of every arm of benchmarks/real_model_arms.py on a tiny trained teacher."""
-    teacher_dir = tmp_path / "teacher"
-    trained_teacher().save_pretrained(teacher_dir)
-    tokenizer.save_pretrained(teacher_dir)
-    spec = importlib.util.spec_from_file_location("real_model_arms", BENCHMARKS / "real_model_arms.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = tmp_path / "arms"
-    bench.main(["--teacher", str(teacher_dir), "--steps", "10", "--eval-every", "5", "--match-steps", "5",
-                "--max-length", "48", "--train-samples", "48", "--problems", "4", "--max-new-tokens", "8",
-                "--eval-batch-size", "4", "--erank-texts", "2", "--learning-rate", "1e-3", "--output-dir", str(out)])
-    report = json.loads((out / "results.json").read_text())
-    assert list(report["arms"]) == list(bench.ARMS)
-    for arm, run in report["arms"].items():
-        assert [r["step"] for r in run["records"]] == [5, 10], arm
-        assert all("exact_match" in r and 0 < r["ppl_reasoning"] < float("inf") for r in run["records"]), arm
-        assert len(run["records"][-1]["erank"]) == 3  # embedding output + 2 layers
-    text = (out / "results.md").read_text()
-    assert "At equal steps (10)" in text and "At equal training time" in text and "prune and distil" in text
-    assert (out / "perplexity.png").read_bytes()[:4] == b"\x89PNG"
-    assert bench.final_answer("so 3 + 4 = 7\n#### 1,007\n") == "1007" and bench.final_answer("no answer") is None

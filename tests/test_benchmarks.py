@@ -1,0 +1,67 @@
+"""The benchmarks behind docs/results.md run end to end at tiny sizes (CPU smoke runs; the benchmarks are not tests)."""
+
+import importlib.util
+import json
+import pathlib
+import statistics
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def teacher_dir(tmp_path, trained_teacher, tokenizer):
+    folder = tmp_path / "teacher"
+    trained_teacher().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_real_model_arms_benchmark_runs_every_arm(tmp_path, teacher_dir):
+    """A 10-step CPU smoke run of every arm of benchmarks/real_model_arms.py on a tiny trained teacher."""
+    bench = load_benchmark("real_model_arms")
+    out = tmp_path / "arms"
+    bench.main(["--teacher", str(teacher_dir), "--steps", "10", "--eval-every", "5", "--match-steps", "5",
+                "--max-length", "48", "--train-samples", "48", "--problems", "4", "--max-new-tokens", "8",
+                "--eval-batch-size", "4", "--erank-texts", "2", "--learning-rate", "1e-3", "--output-dir", str(out)])
+    report = json.loads((out / "results.json").read_text())
+    assert list(report["arms"]) == list(bench.ARMS)
+    for arm, run in report["arms"].items():
+        assert [r["step"] for r in run["records"]] == [5, 10], arm
+        assert all("exact_match" in r and 0 < r["ppl_reasoning"] < float("inf") for r in run["records"]), arm
+        assert len(run["records"][-1]["erank"]) == 3  # embedding output + 2 layers
+    text = (out / "results.md").read_text()
+    assert "At equal steps (10)" in text and "At equal training time" in text and "prune and distil" in text
+    assert (out / "perplexity.png").read_bytes()[:4] == b"\x89PNG"
+    assert bench.final_answer("so 3 + 4 = 7\n#### 1,007\n") == "1007" and bench.final_answer("no answer") is None
+
+
+def test_smollm2_dynamics_benchmark_records_erank_spectra_and_clone_terms(tmp_path, teacher_dir):
+    bench = load_benchmark("smollm2_dynamics")
+    out = tmp_path / "dynamics"
+    bench.main(["--teacher", str(teacher_dir), "--steps", "4", "--every", "2", "--lrs", "1e-3",
+                "--clones", "student", "off", "--max-length", "32", "--train-samples", "32", "--erank-texts", "2",
+                "--output-dir", str(out)])
+    report = json.loads((out / "results.json").read_text())
+    runs = report["runs"]
+    assert [(r["init"], r["clone"]) for r in runs] == [("activation", "student"), ("activation", "off"),
+                                                       ("random", "student"), ("random", "off")]
+    for r in runs:
+        assert [h["step"] for h in r["erank_history"]] == [0, 2, 4]
+        assert [h["step"] for h in r["spectra"]] == [0, 2, 4]
+        assert set(r["spectra"][0]["singular_values"]) == {"embedding", "layer 1 q", "layer 1 down"}
+        assert len(r["spectra"][0]["singular_values"]["embedding"]) == 32  # d_S singular values
+    red = runs[0]["spectra"][0]["singular_values"]["layer 1 q"]
+    assert statistics.fmean(red) == pytest.approx(1.0) and min(red) == pytest.approx(1.0)  # a selection at step 0
+    assert "clone/ffn" in runs[0]["losses"][0] and "clone/ffn" not in runs[1]["losses"][0]
+    assert "| activation | 0.001 | student |" in (out / "results.md").read_text()
+    for name in ("erank_vs_step.png", "spectra_end.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
