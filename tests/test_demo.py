@@ -53,3 +53,19 @@ def test_demo_on_another_teacher_folder_and_user_text(tmp_path):
     assert report["students"][0]["student_hidden_size"] == 64
     assert len(report["students"][0]["erank"]) == len(report["teacher"]["erank"])
     assert (tmp_path / "out" / "results.json").exists() and not (tmp_path / "out" / "accuracy_per_hop.png").exists()
+
+
+def test_demo_distils_generated_problems_on_their_completions_only(tmp_path, monkeypatch):
+    import transformers_red.demo as demo
+    from transformers_red.tasks import END_MARKER, generate_mixed_problems
+
+    problems = generate_mixed_problems(3, seed=0)
+    columns = demo.completion_columns(problems)
+    assert columns == {"prompt": [p.prompt for p in problems], "completion": [p.target + END_MARKER for p in problems]}
+    assert [a + b for a, b in zip(columns["prompt"], columns["completion"])] == [p.text for p in problems]
+    seen = []
+    real = demo.distil_variant
+    monkeypatch.setattr(demo, "distil_variant", lambda variant, **kw: seen.append(kw["train_data"]) or real(variant, **kw))
+    run_demo(output_dir=str(tmp_path), steps=1, eval_per_hop=1, train_samples=16, batch_size=8, variants=("red",),
+             plots=False, show_progress=False)
+    assert set(seen[0]) == {"prompt", "completion"} and len(seen[0]["prompt"]) == 16

@@ -23,7 +23,8 @@ import torch
 from .erank import layerwise_effective_rank, projection_spectra
 from .red_config import RedConfig
 from .red_trainer import RedDistillationTrainer
-from .tasks import HOPS, evaluate_model, generate_mixed_problems, generate_problems, load_reasoning_teacher
+from .tasks import (HOPS, completion_columns, evaluate_model, generate_mixed_problems, generate_problems,
+                    load_reasoning_teacher)
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,14 @@ def _measure(model: Any, tokenizer: Any, problems: list, erank_texts: list[str],
             "mean_erank": statistics.fmean(erank)}
 
 
-def distil_variant(variant: Variant, *, teacher_dir: str | None, train_texts: list[str], problems: list,
+def distil_variant(variant: Variant, *, teacher_dir: str | None, train_data: dict[str, list[str]], problems: list,
                    erank_texts: list[str], width_ratio: float, steps: int, seed: int, batch_size: int,
                    learning_rate: float, show_progress: bool, step0: bool = False) -> dict[str, Any]:
-    """Build, distil, merge and measure one student; returns its numbers."""
+    """Build, distil, merge and measure one student; returns its numbers.
+
+    `train_data`: dataset columns, {"text": [...]} (every token trained) or {"prompt": [...], "completion": [...]}
+    (TRL's prompt-completion format: CE, KL and clone terms count completion tokens only).
+    """
     teacher, tokenizer = load_reasoning_teacher(teacher_dir)
     with tempfile.TemporaryDirectory() as tmp:
         args = RedConfig(output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size,
@@ -71,7 +76,7 @@ def distil_variant(variant: Variant, *, teacher_dir: str | None, train_texts: li
                          max_length=128, report_to=[], save_strategy="no", logging_steps=max(1, steps // 10),
                          disable_tqdm=not show_progress, use_cpu=not torch.cuda.is_available())
         trainer = RedDistillationTrainer(model=teacher, args=args, processing_class=tokenizer,
-                                         train_dataset=datasets.Dataset.from_dict({"text": train_texts}))
+                                         train_dataset=datasets.Dataset.from_dict(train_data))
         result: dict[str, Any] = {"name": variant.name, "init": variant.init, "temperature": variant.temperature,
                                   "seed": seed, "spectrum_init": _spectrum_summary(trainer.red_model)}
         if step0:
@@ -113,10 +118,12 @@ def run_demo(*, teacher_dir: str | None = None, data: str | None = None, output_
         erank_texts = user_texts[-64:]
         report["settings"]["data"] = data
     for seed in seeds:
-        train_texts = user_texts or [p.text for p in generate_mixed_problems(train_samples, seed=seed)]
+        # the teacher was trained on answers only: distil where it knows (completion tokens), not on the prompts
+        train_data = {"text": user_texts} if user_texts else completion_columns(
+            generate_mixed_problems(train_samples, seed=seed))
         for key in variants:
             report["students"].append(distil_variant(
-                VARIANTS[key], teacher_dir=teacher_dir, train_texts=train_texts, problems=problems,
+                VARIANTS[key], teacher_dir=teacher_dir, train_data=train_data, problems=problems,
                 erank_texts=erank_texts, width_ratio=width_ratio, steps=steps, seed=seed, batch_size=batch_size,
                 learning_rate=learning_rate, show_progress=show_progress, step0=step0))
     report["wall_seconds"] = time.perf_counter() - started

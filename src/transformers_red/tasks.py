@@ -211,6 +211,12 @@ def format_example(problem: Problem) -> str:
     return problem.prompt + problem.target + END_MARKER
 
 
+def completion_columns(problems: Iterable[Problem]) -> dict[str, list[str]]:
+    """Problems as TRL prompt-completion columns: ``{"prompt": [...], "completion": [target + END_MARKER, ...]}``."""
+    problems = list(problems)
+    return {"prompt": [p.prompt for p in problems], "completion": [p.target + END_MARKER for p in problems]}
+
+
 # --------------------------------------------------------------------------- scoring
 def parse_answer(generated_text: str) -> int | None:
     """The final answer ``N`` of a ``...#N`` continuation, or None when malformed.
