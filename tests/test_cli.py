@@ -37,7 +37,8 @@ def teacher_dir(tmp_path):
     return folder
 
 
-def test_distill_from_yaml_and_flags(tmp_path, teacher_dir):
+@pytest.mark.parametrize("train", ["projections", "weights"])
+def test_distill_from_yaml_and_flags(tmp_path, teacher_dir, train, capsys):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in builtin_texts(24)))
     config = tmp_path / "red.yaml"
@@ -46,12 +47,14 @@ def test_distill_from_yaml_and_flags(tmp_path, teacher_dir):
                       "calibration_num_samples: 4\nclone_terms: [q, k, attn]\ndisable_tqdm: true\n")
     out = tmp_path / "student"
     main(["distill", "--config", str(config), "--dataset_path", str(data), "--output_dir", str(out),
-          "--temperature", "2.0", "--save_strategy", "no"])
+          "--temperature", "2.0", "--save_strategy", "no", "--train", train])
+    assert "Saved a plain Qwen3ForCausalLM student of width 16 (teacher 64" in capsys.readouterr().out
     student = AutoModelForCausalLM.from_pretrained(out)
     assert type(student).__name__ == "Qwen3ForCausalLM" and student.config.hidden_size == 16
     summary = json.loads((out / "red_config.json").read_text())
     assert summary["distillation"]["temperature"] == 2.0
     assert summary["distillation"]["clone_terms"] == ["q", "k", "attn"]
+    assert summary["distillation"]["train"] == train
     assert summary["global_step"] == 3
     assert os.path.isfile(out / "tokenizer.json")
 

@@ -5,6 +5,7 @@ Pipeline: calibrate -> initialise -> distil -> merge -> evaluate -> publish.
 
 from .callbacks import ERankCallback
 from .calibrate import ActivationStats, collect_activation_stats, select_channels
+from .clone import CloneLoss
 from .config import SUPPORTED_MODEL_TYPES, TARGET_MODULES_MAPPING, RedAdapterConfig
 from .erank import effective_rank, layerwise_effective_rank, projection_spectra, spectrum_effective_rank
 from .hub import HubPushError, build_model_card, push_compressed
@@ -23,6 +24,7 @@ __all__ = [
     "ERankCallback",
     "HubPushError",
     "build_model_card",
+    "CloneLoss",
     "push_compressed",
     "RedConfig",
     "RedDistillationTrainer",

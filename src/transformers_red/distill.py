@@ -75,7 +75,8 @@ def run_distill(argv: list[str] | None = None) -> Any:
                                      processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)
-    red = trainer.red_model
-    print(f"Saved a plain {type(red.base_model).__name__} student of width {red.student_hidden_size} "
-          f"(teacher {red.teacher_hidden_size}) to {config.output_dir}")
+    summary = trainer.red_summary()
+    architecture = type(trainer.model if config.train == "weights" else trainer.red_model.base_model).__name__
+    print(f"Saved a plain {architecture} student of width {summary['student_hidden_size']} "
+          f"(teacher {summary['teacher_hidden_size']}, train={config.train}) to {config.output_dir}")
     return trainer
