@@ -77,6 +77,66 @@ def format_markdown(runs: dict[float, dict], rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def alarm_runs(runs: dict[float, dict], margin: float = 5.0) -> list[dict]:
+    """Per student run: the eRank signals over steps and whether it ended below the teacher on multi-hop problems.
+
+    "Lost" = mean exact match over hops >= 1 more than `margin` points below the teacher's. Signals, per
+    measurement: `mean` = student mean eRank / teacher mean, `min` = student min over layers / teacher min.
+    """
+    result = []
+    for width, report in runs.items():
+        multi_hop = [h for h in report["teacher"]["accuracy"] if int(h) >= 1]
+        teacher_accuracy = statistics.fmean(100 * report["teacher"]["accuracy"][h] for h in multi_hop)
+        for s in report["students"]:
+            if "erank_history" not in s:
+                continue
+            final = statistics.fmean(100 * s["accuracy"][h] for h in multi_hop)
+            teacher = s["erank_teacher"]
+            result.append({"width_ratio": width, "variant": s["name"], "seed": s["seed"], "final": final,
+                           "lost": final < teacher_accuracy - margin,
+                           "mean": [(h["step"], h["mean"] / statistics.fmean(teacher)) for h in s["erank_history"]],
+                           "min": [(h["step"], h["min"] / min(teacher)) for h in s["erank_history"]]})
+    return result
+
+
+def alarm_separation(runs: list[dict], signal: str, threshold: float) -> dict:
+    """How well "the signal fell below `threshold` at some measurement after step 0" predicts a lost run."""
+    counts = dict.fromkeys(("tp", "fp", "fn", "tn"), 0)
+    steps = []
+    for run in runs:
+        below = [step for step, value in run[signal][1:] if value < threshold]
+        fired = bool(below)
+        steps.append(below[0] if below else None)
+        counts[("t" if fired == run["lost"] else "f") + ("p" if fired else "n")] += 1
+    lost, kept = counts["tp"] + counts["fn"], counts["tn"] + counts["fp"]
+    balanced = statistics.fmean([counts["tp"] / lost if lost else 1.0, counts["tn"] / kept if kept else 1.0])
+    return {"signal": signal, "threshold": threshold, **counts, "balanced_accuracy": balanced, "first_steps": steps}
+
+
+def best_alarms(runs: list[dict]) -> list[dict]:
+    """Per signal, the threshold (0.05 steps in 0.05-1.5) with the best balanced accuracy (ties: the lowest)."""
+    thresholds = [round(0.05 * i, 2) for i in range(1, 31)]
+    return [max((alarm_separation(runs, signal, t) for t in thresholds), key=lambda r: (r["balanced_accuracy"],
+                                                                                         -r["threshold"]))
+            for signal in ("mean", "min")]
+
+
+def format_alarms(runs: list[dict], current: float) -> str:
+    rows = [alarm_separation(runs, "mean", current), *best_alarms(runs)]
+    lines = ["| signal | alarm below | lost & fired | kept & fired | lost & silent | kept & silent | balanced accuracy |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['signal']} eRank / teacher | {r['threshold']:.2f} | {r['tp']} | {r['fp']} | {r['fn']} | "
+                     f"{r['tn']} | {r['balanced_accuracy']:.2f} |")
+    lines += ["", "| width | model | seed | final multi-hop accuracy | lost | mean ratio at end | min ratio at end | "
+              "first step below the best mean threshold |", "|---|---|---|---|---|---|---|---|"]
+    for run, step in zip(runs, rows[1]["first_steps"]):
+        lines.append(f"| {run['width_ratio']:.0%} | {run['variant']} | {run['seed']} | {run['final']:.1f} | "
+                     f"{'yes' if run['lost'] else 'no'} | {run['mean'][-1][1]:.2f} | {run['min'][-1][1]:.2f} | "
+                     f"{step if step is not None else '-'} |")
+    return "\n".join(lines)
+
+
 def plot_retention(rows: list[dict], teacher: dict, path: str) -> str:
     from transformers_red.plots import new_figure, save_figure
 
@@ -123,10 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
     footer = (f"\nmean ± standard deviation over seeds {args.seeds}; {args.eval_per_hop} held-out problems per hop; "
               f"{args.steps} steps; {torch.get_num_threads()} threads; wall time {wall:.0f} s")
+    alarms = alarm_runs(runs)
+    if alarms:  # the collapse alarm: does a low eRank during training predict lost multi-hop accuracy?
+        table += "\n\nCollapse alarm (ERankCallback every tenth of the run):\n\n" + format_alarms(alarms, 0.5)
     print(table + footer)
     teacher = next(iter(runs.values()))["teacher"]
     with open(os.path.join(args.output_dir, "retention.json"), "w", encoding="utf-8") as f:
-        json.dump({"settings": vars(args), "teacher": teacher, "rows": rows, "wall_seconds": wall}, f, indent=1)
+        json.dump({"settings": vars(args), "teacher": teacher, "rows": rows, "alarm_runs": alarms,
+                   "alarms": best_alarms(alarms) if alarms else [], "wall_seconds": wall}, f, indent=1)
     with open(os.path.join(args.output_dir, "retention.md"), "w", encoding="utf-8") as f:
         f.write(table + footer + "\n")
     png = plot_retention(rows, teacher, os.path.join(args.output_dir, "retention_accuracy.png"))

@@ -65,3 +65,22 @@ def test_smollm2_dynamics_benchmark_records_erank_spectra_and_clone_terms(tmp_pa
     assert "| activation | 0.001 | student |" in (out / "results.md").read_text()
     for name in ("erank_vs_step.png", "spectra_end.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_collapse_alarm_separation_counts_and_threshold_choice():
+    bench = load_benchmark("reasoning_retention")
+    # two runs kept the teacher's accuracy with a high eRank, two lost it after their eRank fell
+    runs = [{"width_ratio": 0.5, "variant": v, "seed": 0, "final": f, "lost": lost,
+             "mean": [(0, 1.0), (10, r), (20, r)], "min": [(0, 1.0), (10, 1.0), (20, 1.0)]}
+            for v, f, lost, r in (("a", 99, False, 1.1), ("b", 98, False, 0.9), ("c", 60, True, 0.6),
+                                  ("d", 40, True, 0.3))]
+    at_half = bench.alarm_separation(runs, "mean", 0.5)
+    assert (at_half["tp"], at_half["fp"], at_half["fn"], at_half["tn"]) == (1, 0, 1, 2)
+    assert at_half["balanced_accuracy"] == pytest.approx(0.75) and at_half["first_steps"] == [None, None, None, 10]
+    mean_best, min_best = bench.best_alarms(runs)
+    assert mean_best["threshold"] == 0.65 and mean_best["balanced_accuracy"] == 1.0  # lowest perfect threshold
+    assert min_best["balanced_accuracy"] == 0.5  # a flat signal separates nothing
+    step0_only = [{**r, "mean": [(0, 0.1)] + r["mean"][1:]} for r in runs]  # step 0 never fires the alarm
+    assert bench.alarm_separation(step0_only, "mean", 0.5)["fp"] == 0
+    text = bench.format_alarms(runs, 0.5)
+    assert "| mean eRank / teacher | 0.50 | 1 | 0 | 1 | 2 | 0.75 |" in text

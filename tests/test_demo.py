@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from transformers_red.demo import format_demo, run_demo
 
 
@@ -17,6 +19,8 @@ def test_demo_reduced_mode(tmp_path):
     assert red["student_hidden_size"] == saved["teacher"]["hidden_size"] // 2
     assert red["spectrum_init"]["min"] > 0.999 and red["spectrum_init"]["max"] < 1.001  # selection matrices
     assert "step0" in red and len(red["erank"]) == len(saved["teacher"]["erank"])
+    assert [h["step"] for h in red["erank_history"]] == [0, 1, 2]  # every max(1, steps // 10) steps
+    assert red["erank_teacher"] == pytest.approx(saved["teacher"]["erank"], rel=1e-5)
     for name in ("accuracy_per_hop.png", "erank_per_layer.png", "projection_spectra.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 

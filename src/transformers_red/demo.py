@@ -74,9 +74,11 @@ def distil_variant(variant: Variant, *, teacher_dir: str | None, train_data: dic
                          learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
                          temperature=variant.temperature, init=variant.init, width_ratio=width_ratio, seed=seed,
                          max_length=128, report_to=[], save_strategy="no", logging_steps=max(1, steps // 10),
+                         erank_steps=max(1, steps // 10), erank_num_samples=len(erank_texts),
                          disable_tqdm=not show_progress, use_cpu=not torch.cuda.is_available())
         trainer = RedDistillationTrainer(model=teacher, args=args, processing_class=tokenizer,
-                                         train_dataset=datasets.Dataset.from_dict(train_data))
+                                         train_dataset=datasets.Dataset.from_dict(train_data),
+                                         erank_dataset=erank_texts)
         result: dict[str, Any] = {"name": variant.name, "init": variant.init, "temperature": variant.temperature,
                                   "seed": seed, "spectrum_init": _spectrum_summary(trainer.red_model)}
         if step0:
@@ -88,6 +90,9 @@ def distil_variant(variant: Variant, *, teacher_dir: str | None, train_data: dic
         result["losses"] = [{k: v for k, v in h.items() if k in ("step", "loss", "kd_loss", "ce_loss", "clone_loss")}
                             for h in trainer.state.log_history if "kd_loss" in h]
         result["spectrum_end"] = _spectrum_summary(trainer.red_model)
+        # the collapse alarm's inputs: per-layer eRank every tenth of the run (ERankCallback)
+        result["erank_history"] = trainer._erank_callback.history
+        result["erank_teacher"] = trainer._erank_callback.teacher
         student = trainer.red_model.merge_and_unload()
     result.update(_measure(student, tokenizer, problems, erank_texts, show_progress))
     result["student_hidden_size"] = student.config.hidden_size
