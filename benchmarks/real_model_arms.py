@@ -42,6 +42,7 @@ from transformers import TrainerCallback  # noqa: E402
 from transformers_red import RedConfig, RedDistillationTrainer  # noqa: E402
 from transformers_red.erank import layerwise_effective_rank  # noqa: E402
 from transformers_red.evaluate import perplexity  # noqa: E402
+from transformers_red.records import update_marked_section  # noqa: E402
 from transformers_red.tasks import greedy_generate  # noqa: E402
 
 ARMS = {
@@ -227,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output-dir", default="real-model-arms")
+    parser.add_argument("--update-doc", default=None, help="markdown file whose real_model_arms section to replace")
+    parser.add_argument("--from-json", default=None,
+                        help="re-render tables, plot and doc section from a results.json of an earlier run")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -240,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer.pad_token = tokenizer.eos_token
         return teacher, tokenizer
 
+    if args.from_json:
+        with open(args.from_json, encoding="utf-8") as f:
+            report = json.load(f)
+        write_outputs(report, args.output_dir, args.update_doc)
+        return 0
     train, held_out, unseen = build_data(args.train_samples, args.problems, args.seed)
     teacher, tokenizer = load_teacher()
     measure = make_measure(tokenizer, held_out, unseen, args)
@@ -250,14 +259,25 @@ def main(argv: list[str] | None = None) -> int:
     for arm in args.arms:
         print(f"== {arm}: {ARMS[arm][0]}", flush=True)
         report["arms"][arm] = run_arm(arm, load_teacher, train, measure, args)
-        with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
-        text = format_tables(report)
-        with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        plot(report, os.path.join(args.output_dir, "perplexity.png"))
-    print(text)
+        write_outputs(report, args.output_dir, None)  # after every arm: a stopped run keeps what it measured
+    write_outputs(report, args.output_dir, args.update_doc)
     return 0
+
+
+def write_outputs(report: dict, output_dir: str, update_doc: str | None) -> None:
+    """results.json, results.md and perplexity.png in `output_dir`; the doc section when `update_doc` is given."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    text = format_tables(report)
+    with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    plot(report, os.path.join(output_dir, "perplexity.png"))
+    print(text)
+    if update_doc:
+        image = os.path.relpath(os.path.join(output_dir, "perplexity.png"), os.path.dirname(os.path.abspath(update_doc)))
+        update_marked_section(update_doc, "real_model_arms",
+                              f"```bash\n{report['command']}\n```\n\n{text}\n\n![perplexity over steps]({image})")
 
 
 if __name__ == "__main__":

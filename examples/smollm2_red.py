@@ -55,6 +55,7 @@ def distil(init: str, train: list[str], args: argparse.Namespace, device: str) -
     with tempfile.TemporaryDirectory() as tmp:
         config = RedConfig(output_dir=tmp, init=init, width_ratio=args.width_ratio, temperature=args.temperature,
                            clone_weight=args.clone_weight, clone_output_space=args.clone_output_space,
+                           clone_normalization=args.clone_normalization,
                            max_steps=args.steps,
                            per_device_train_batch_size=args.batch_size,
                            gradient_accumulation_steps=args.grad_accum, max_length=args.max_length,
@@ -69,7 +70,7 @@ def distil(init: str, train: list[str], args: argparse.Namespace, device: str) -
         seconds = time.perf_counter() - started
         history = [{k: h[k] for k in ("step", "loss", "kd_loss", "ce_loss", "clone_loss") if k in h}
                    for h in trainer.state.log_history if "kd_loss" in h]
-        student = trainer.red_model.merge_and_unload()
+        student = trainer.merged_student()
     return {"model": student.float().eval(), "tokenizer": tokenizer, "train_seconds": seconds,
             "losses": history, "hidden_size": student.config.hidden_size,
             "parameters": sum(p.numel() for p in student.parameters())}
@@ -103,7 +104,8 @@ def format_results(report: dict) -> str:
     s = report["settings"]
     lines.append(f"\n{s['steps']} steps x {s['batch_size'] * s['grad_accum']} sequences of <= {s['max_length']} "
                  f"tokens ({s['train_samples']} texts, reasoning-gym gsm_symbolic + Python-docs paragraphs), "
-                 f"temperature {s['temperature']}, clone weight {s['clone_weight']} ({s['clone_output_space']} space), "
+                 f"temperature {s['temperature']}, clone weight {s['clone_weight']} ({s['clone_output_space']} space, "
+                 f"normalisation {s.get('clone_normalization', 'none')}), "
                  f"learning rate {s['learning_rate']}, seed {s['seed']}; "
                  f"lm-eval tasks on the first {s['limit']} documents each (scores in %); perplexity on 64 "
                  f"held-out texts of each kind; eRank on {s['erank_texts']} held-out reasoning texts. "
@@ -133,12 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=1e-4, help="RedConfig's default (LRC's 1e-4)")
     parser.add_argument("--temperature", type=float, default=1.0, help="for both students (RED requires 1)")
     parser.add_argument("--width-ratio", type=float, default=0.5)
     parser.add_argument("--clone-weight", type=float, default=0.2, help="alpha of the activation clone MSE")
     parser.add_argument("--clone-output-space", default="student", choices=["student", "teacher"],
                         help="where attn/ffn outputs are compared (RedConfig.clone_output_space)")
+    parser.add_argument("--clone-normalization", default="teacher_mean_square", choices=["teacher_mean_square", "none"],
+                        help="RedConfig.clone_normalization ('none': the paper's plain MSE)")
     parser.add_argument("--train-samples", type=int, default=1024)
     parser.add_argument("--calibration-samples", type=int, default=64)
     parser.add_argument("--inits", nargs="+", default=list(INITS), choices=list(INITS))

@@ -42,6 +42,13 @@ def test_real_model_arms_benchmark_runs_every_arm(tmp_path, teacher_dir):
     assert "At equal steps (10)" in text and "At equal training time" in text and "prune and distil" in text
     assert (out / "perplexity.png").read_bytes()[:4] == b"\x89PNG"
     assert bench.final_answer("so 3 + 4 = 7\n#### 1,007\n") == "1007" and bench.final_answer("no answer") is None
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n")
+    bench.main(["--from-json", str(out / "results.json"), "--output-dir", str(tmp_path / "again"),
+                "--update-doc", str(doc)])
+    section = doc.read_text()
+    assert "<!-- real_model_arms:begin -->" in section and "python benchmarks/real_model_arms.py --teacher" in section
+    assert (tmp_path / "again" / "results.md").read_text() == text
 
 
 def test_smollm2_dynamics_benchmark_records_erank_spectra_and_clone_terms(tmp_path, teacher_dir):
