@@ -1,5 +1,7 @@
 """The normalised clone term and `RedConfig(train="weights")` (prune and distil)."""
 
+import json
+
 import datasets
 import pytest
 import torch
@@ -98,3 +100,18 @@ def test_weights_mode_starts_at_the_hard_pruned_teacher_and_keeps_the_teacher(tm
     assert pruned.state.log_history[0]["clone_loss"] > 0
     with pytest.raises(TypeError, match="train='weights'"):
         pruned.red_model
+
+
+def test_hybrid_projections_then_weights_continues_from_the_trained_projections(tmp_path, train_texts, tokenizer,
+                                                                                trained_teacher, input_ids):
+    first = make_trainer(tmp_path / "projections", train_texts, tokenizer, trained_teacher(), max_steps=3)
+    first.train()
+    red = first.red_model
+    with torch.no_grad():
+        after_projections = red(input_ids).logits
+    second = make_trainer(tmp_path / "weights", train_texts, tokenizer, red, train="weights")
+    with torch.no_grad():  # phase 2 starts where phase 1 ended: the merged trained projections
+        torch.testing.assert_close(second.model(input_ids).logits, after_projections, rtol=0, atol=1e-5)
+    second.train()
+    second.save_model()
+    assert json.loads((tmp_path / "weights" / "out" / "red_config.json").read_text())["distillation"]["train"] == "weights"
