@@ -129,6 +129,12 @@ class RedAdapterConfig:
         if self.channel_indices is not None:
             self.channel_indices = [int(i) for i in self.channel_indices]
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether channels must still be selected from teacher activations (RED init or teacher norm gains, and no
+        `channel_indices` yet)."""
+        return (self.init == "activation" or self.norm_init == "teacher") and self.channel_indices is None
+
     def resolve_hidden_size(self, teacher_hidden_size: int) -> int:
         """Return d_S for a teacher of width `teacher_hidden_size`, or raise if it is not a narrower width."""
         if self.target_hidden_size is not None:

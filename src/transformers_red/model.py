@@ -274,8 +274,7 @@ def get_red_model(model: nn.Module, config: RedAdapterConfig, calibration_data: 
     config = dataclasses.replace(config)
     _check_teacher(model, config)
     channels = config.channel_indices
-    needs_channels = config.init == "activation" or config.norm_init == "teacher"
-    if channels is None and needs_channels:
+    if config.needs_calibration:
         if calibration_data is None:
             raise ValueError(f"init={config.init!r} with norm_init={config.norm_init!r} selects channels from "
                              "teacher activations: pass calibration_data (e.g. 15 texts), or use "

@@ -182,19 +182,16 @@ class RedDistillationTrainer(SFTTrainer):
         if calibration_dataset is not None:
             return calibration_dataset, "calibration_dataset"
         config = args.adapter_config()
-        needs_channels = (config.init == "activation" or config.norm_init == "teacher") and (
-            config.channel_indices is None)
-        if not needs_channels and (args.clone_weight == 0 or args.clone_normalization == "none"):
+        if not config.needs_calibration and (args.clone_weight == 0 or args.clone_normalization == "none"):
             return None, ""
-        texts = self._texts(train_dataset, args, args.adapter_config().calibration_num_samples, tokenizer)
+        texts = self._texts(train_dataset, args, config.calibration_num_samples, tokenizer)
         return texts, f"first {len(texts)} texts of train_dataset"
 
     def _build_red_model(self, teacher: Any, args: RedConfig, name: str | None, calibration: Any, source: str,
                          tokenizer: Any) -> RedModel:
         config = args.adapter_config()
         config.teacher_name_or_path = config.teacher_name_or_path or name or getattr(teacher, "name_or_path", None)
-        needs_channels = config.init == "activation" or config.norm_init == "teacher"
-        if not (needs_channels and config.channel_indices is None):
+        if not config.needs_calibration:
             calibration = None
         elif config.calibration_source is None or source != "calibration_dataset":
             config.calibration_source = source
