@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
 
     train, held_out, _ = build_data(args.train_samples, 0, args.seed)
     runs = []
-    for init, lr, clone in itertools.product(args.inits, args.lrs, args.clones):
+    # lr outermost, inits innermost: an interrupted sweep still holds matched RED / random pairs
+    for lr, clone, init in itertools.product(args.lrs, args.clones, args.inits):
         print(f"== {init} lr {lr:g} clone {clone}", flush=True)
         runs.append(run(init, lr, clone, load_teacher, train, held_out, args))
         report = {"settings": vars(args), "runs": runs,

@@ -110,7 +110,7 @@ def packed_batch(tokenizer, batch_size: int, seq_len: int) -> dict[str, torch.Te
 # ------------------------------------------------------------------------------------------------ phases
 def forming_work(red):
     """The RedLayers whose student weights (w) forms, with fixed random upstream grads of the right shapes."""
-    from transformers_red.layer import RedEmbedding, RedLinear
+    from transformers_red.adapter.layer import RedEmbedding, RedLinear
 
     linears, embeddings = [], []
     for _, layer in red.red_layers():

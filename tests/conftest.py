@@ -16,36 +16,13 @@ atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from testing_utils import ARCH_IDS, ARCHITECTURES  # noqa: E402
+
 from transformers_red.resources import builtin_texts, byte_tokenizer, tiny_teacher  # noqa: E402
-
-# (model_type, tie_word_embeddings, config overrides): every supported architecture, tied and untied, GQA.
-ARCHITECTURES = [
-    ("llama", True, {}),
-    ("llama", False, {"attention_bias": True, "mlp_bias": True}),  # output-side biases too
-    ("qwen2", True, {}),
-    ("qwen2", False, {}),
-    ("qwen3", True, {}),
-    ("qwen3", False, {}),
-    ("mistral", True, {}),
-    ("mistral", False, {}),
-]
-ARCH_IDS = [f"{t}-{'tied' if tie else 'untied'}{'-bias' if kw else ''}" for t, tie, kw in ARCHITECTURES]
-
-
-def make_teacher(model_type: str, tie: bool, overrides: dict, seed: int = 0):
-    """A tiny teacher whose biases are random too (HF initialises them to zero), so they are exercised."""
-    model = tiny_teacher(model_type, tie_word_embeddings=tie, seed=seed, **overrides).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
-
 
 @pytest.fixture(params=ARCHITECTURES, ids=ARCH_IDS)
 def arch(request):
-    """(model_type, tie, overrides) of one supported architecture."""
+    """(model_type, tie, overrides) of one registered architecture."""
     return request.param
 
 

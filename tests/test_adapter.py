@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from conftest import make_teacher
+from testing_utils import (LINEARS_PER_LAYER, NORMS_PER_LAYER, SHARED_LINEARS_PER_LAYER, hard_pruned_teacher,
+                           make_teacher)
 from transformers import AutoModelForCausalLM
 
 from transformers_red import RedAdapterConfig, RedModel, get_red_model, projection_spectra
@@ -12,28 +13,6 @@ def calibrated(teacher, texts, tokenizer, **kwargs):
     kwargs.setdefault("width_ratio", 0.5)
     return get_red_model(teacher, RedAdapterConfig(**kwargs), calibration_data=texts, tokenizer=tokenizer,
                          show_progress_bar=False)
-
-
-def hard_pruned_teacher(teacher, channels):
-    """The teacher with residual channels `channels` kept, built by slicing (independent of the library)."""
-    config = teacher.config.to_dict()
-    config["head_dim"] = teacher.config.head_dim if getattr(teacher.config, "head_dim", None) else (
-        teacher.config.hidden_size // teacher.config.num_attention_heads)
-    config["hidden_size"] = len(channels)
-    pruned_config = type(teacher.config).from_dict(config)
-    pruned = type(teacher)(pruned_config).eval()
-    g = torch.as_tensor(channels)
-    state = {}
-    for name, value in teacher.state_dict().items():
-        short = name.split(".")[-2]
-        if short in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head") and name.endswith("weight"):
-            value = value[:, g]
-        elif short in ("o_proj", "down_proj", "embed_tokens", "input_layernorm", "post_attention_layernorm",
-                       "norm"):
-            value = value[g] if short != "embed_tokens" else value[:, g]
-        state[name] = value
-    pruned.load_state_dict(state, strict=False)
-    return pruned
 
 
 def perturb(red: RedModel, seed: int = 0) -> None:
@@ -113,12 +92,13 @@ def test_only_projections_and_norms_train(arch, texts, tokenizer, share):
     model_type, tie, _ = arch
     red = calibrated(make_teacher(*arch), texts, tokenizer, share_projections=share)
     d_t, d_s, layers = 64, 32, 2
-    per_layer = (2 + 2) if share else 7  # shared: qkv, gate_up, o, down
-    expected = layers * per_layer * d_t * d_s + (1 if tie else 2) * d_t * d_s + (2 * layers + 1) * d_s
+    linears, norms = LINEARS_PER_LAYER.get(model_type, 7), NORMS_PER_LAYER.get(model_type, 2)
+    per_layer = SHARED_LINEARS_PER_LAYER if share else linears
+    expected = layers * per_layer * d_t * d_s + (1 if tie else 2) * d_t * d_s + (norms * layers + 1) * d_s
     trainable = {n for n, p in red.named_parameters() if p.requires_grad}
     assert all(n.startswith(("red_projections.", "red_norms.")) for n in trainable)
     assert red.get_nb_trainable_parameters()[0] == expected
-    assert len(red.targeted_module_names) == 1 + 1 + layers * 9 + 1  # embed, head, 7 linears + 2 norms, final
+    assert len(red.targeted_module_names) == 1 + 1 + layers * (linears + norms) + 1  # embed, head, layers, final
 
 
 def test_shared_projections_are_one_tensor(texts, tokenizer):

@@ -59,8 +59,8 @@ def test_smollm2_dynamics_benchmark_records_erank_spectra_and_clone_terms(tmp_pa
                 "--output-dir", str(out)])
     report = json.loads((out / "results.json").read_text())
     runs = report["runs"]
-    assert [(r["init"], r["clone"]) for r in runs] == [("activation", "student"), ("activation", "off"),
-                                                       ("random", "student"), ("random", "off")]
+    assert [(r["init"], r["clone"]) for r in runs] == [("activation", "student"), ("random", "student"),
+                                                       ("activation", "off"), ("random", "off")]
     for r in runs:
         assert [h["step"] for h in r["erank_history"]] == [0, 2, 4]
         assert [h["step"] for h in r["spectra"]] == [0, 2, 4]
@@ -68,7 +68,7 @@ def test_smollm2_dynamics_benchmark_records_erank_spectra_and_clone_terms(tmp_pa
         assert len(r["spectra"][0]["singular_values"]["embedding"]) == 32  # d_S singular values
     red = runs[0]["spectra"][0]["singular_values"]["layer 1 q"]
     assert statistics.fmean(red) == pytest.approx(1.0) and min(red) == pytest.approx(1.0)  # a selection at step 0
-    assert "clone/ffn" in runs[0]["losses"][0] and "clone/ffn" not in runs[1]["losses"][0]
+    assert "clone/ffn" in runs[0]["losses"][0] and "clone/ffn" not in runs[2]["losses"][0]
     assert "| activation | 0.001 | student |" in (out / "results.md").read_text()
     for name in ("erank_vs_step.png", "spectra_end.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"

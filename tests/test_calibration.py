@@ -2,7 +2,7 @@
 
 import datasets
 import torch
-from conftest import make_teacher
+from testing_utils import make_teacher
 
 from transformers_red import collect_activation_stats, select_channels
 

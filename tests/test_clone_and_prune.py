@@ -8,7 +8,7 @@ import torch
 
 from transformers_red import RedConfig, RedDistillationTrainer
 from transformers_red.clone import CloneLoss
-from transformers_red.layer import RedLayer
+from transformers_red.adapter.layer import RedLayer
 from transformers_red.resources import builtin_texts
 
 
@@ -29,7 +29,7 @@ def make_trainer(tmp_path, dataset, tokenizer, teacher, **kwargs):
 def test_normalised_clone_loss_does_not_depend_on_the_activation_scale():
     gen = torch.Generator().manual_seed(0)
     proj = torch.randn(6, 3, generator=gen)
-    names = {"q": ["l0.q", "l1.q"], "attn": ["l0.o"]}
+    names = {"q": [("l0.q", None), ("l1.q", None)], "attn": [("l0.o", None)]}
     student = {"l0.q": torch.randn(2, 4, 5, generator=gen), "l1.q": torch.randn(2, 4, 5, generator=gen),
                "l0.o": torch.randn(2, 4, 3, generator=gen)}
     teacher = {"l0.q": torch.randn(2, 4, 5, generator=gen), "l1.q": torch.randn(2, 4, 5, generator=gen),
@@ -45,9 +45,9 @@ def test_normalised_clone_loss_does_not_depend_on_the_activation_scale():
     clone, base = sums(1.0, "teacher_mean_square")
     # hand computation: scale = mean over valid tokens of mean over dims of the target squared
     target = teacher["l0.o"] @ proj
-    assert clone.scales["l0.o"] == pytest.approx(float(target[mask].pow(2).mean()), rel=1e-6)
+    assert clone.scales["attn", "l0.o"] == pytest.approx(float(target[mask].pow(2).mean()), rel=1e-6)
     per_layer = [float((student[n] - teacher[n])[mask].pow(2).mean(-1).sum() / teacher[n][mask].pow(2).mean())
-                 for n in names["q"]]
+                 for n, _ in names["q"]]
     assert float(base["q"]) == pytest.approx(sum(per_layer) / 2, rel=1e-5)  # mean over layers
     _, scaled = sums(1e3, "teacher_mean_square")
     for term in names:
@@ -74,8 +74,8 @@ def test_clone_normalisers_are_the_teacher_targets_mean_squares(tmp_path, train_
     q = torch.cat(outputs["model.layers.0.self_attn.q_proj"])
     down = torch.cat(outputs["model.layers.1.mlp.down_proj"])[:, channels]  # student space: P is the selection
     scales = trainer._clone.scales
-    assert scales["model.layers.0.self_attn.q_proj"] == pytest.approx(float(q.pow(2).mean()), rel=1e-4)
-    assert scales["model.layers.1.mlp.down_proj"] == pytest.approx(float(down.pow(2).mean()), rel=1e-4)
+    assert scales["q", "model.layers.0.self_attn.q_proj"] == pytest.approx(float(q.pow(2).mean()), rel=1e-4)
+    assert scales["ffn", "model.layers.1.mlp.down_proj"] == pytest.approx(float(down.pow(2).mean()), rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------ prune and distil

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_teacher
+from testing_utils import make_teacher
 
 from transformers_red import RedAdapterConfig, effective_rank, get_red_model, layerwise_effective_rank
 from transformers_red.erank import spectrum_effective_rank

@@ -7,6 +7,7 @@ import json
 import pathlib
 
 import pytest
+from testing_utils import GEMMA_LIKE
 import torch
 from transformers import AutoTokenizer
 
@@ -50,8 +51,11 @@ def test_tiny_teacher_forward_and_tying(model_type: str, tie: bool) -> None:
     assert cfg._attn_implementation == "eager" and model.dtype == torch.float32
     assert not model.training
     attn = model.model.layers[0].self_attn
-    assert attn.q_proj.weight.shape == (4 * 16, 64)  # (heads * head_dim, hidden)
-    assert attn.k_proj.weight.shape == (2 * 16, 64)  # grouped-query: 2 KV heads
+    if model_type == "phi3":  # q, k, v fused: (heads + 2 x KV heads) x head_dim rows
+        assert attn.qkv_proj.weight.shape == ((4 + 2 * 2) * 16, 64)
+    else:
+        assert attn.q_proj.weight.shape == (4 * 16, 64)  # (heads * head_dim, hidden)
+        assert attn.k_proj.weight.shape == (2 * 16, 64)  # grouped-query: 2 KV heads
     assert (model.lm_head.weight is model.model.embed_tokens.weight) is tie
 
     ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))  # (batch, seq)
@@ -64,11 +68,13 @@ def test_tiny_teacher_forward_and_tying(model_type: str, tie: bool) -> None:
 def test_tiny_teacher_norms_randomised(model_type: str) -> None:
     model = tiny_teacher(model_type)
     norms = {n: m.weight for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")}
-    expected = 2 * 2 + 1 + (2 * 2 if model_type == "qwen3" else 0)  # layer norms, final, q/k norms
-    assert len(norms) == expected
+    per_layer = 4 if model_type in GEMMA_LIKE else 2
+    qk_norms = 2 * 2 if model_type in ("qwen3", "gemma3_text") else 0
+    assert len(norms) == per_layer * 2 + 1 + qk_norms  # layer norms, final, q/k norms
+    neutral = 0.0 if model_type in GEMMA_LIKE else 1.0  # Gemma applies (1 + w): w = 0 is the identity
     for name, weight in norms.items():
-        assert not torch.allclose(weight, torch.ones_like(weight)), name
-        assert (weight - 1).abs().max() < 0.6, name
+        assert not torch.allclose(weight, torch.full_like(weight, neutral)), name
+        assert (weight - neutral).abs().max() < 0.6, name
 
 
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)

@@ -4,22 +4,25 @@ Pipeline: calibrate -> initialise -> distil -> merge -> evaluate -> publish.
 """
 
 from .callbacks import ERankCallback
-from .calibrate import ActivationStats, collect_activation_stats, select_channels
+from .adapter.calibrate import ActivationStats, collect_activation_stats, select_channels
 from .clone import CloneLoss
-from .config import SUPPORTED_MODEL_TYPES, TARGET_MODULES_MAPPING, RedAdapterConfig
+from .adapter.architectures import ARCHITECTURES, SUPPORTED_MODEL_TYPES, TARGET_MODULES_MAPPING, Architecture
+from .adapter.config import RedAdapterConfig
 from .erank import effective_rank, layerwise_effective_rank, projection_spectra, spectrum_effective_rank
 from .hub import HubPushError, build_model_card, push_compressed
-from .initialise import orthogonal_projection, random_projection, selection_matrix
-from .layer import RedEmbedding, RedLinear, RedRMSNorm
-from .merge import student_config
+from .adapter.initialise import orthogonal_projection, random_projection, selection_matrix
+from .adapter.layer import RedEmbedding, RedLinear, RedRMSNorm
+from .adapter.merge import student_config
 from .losses import generalized_jsd_loss
-from .model import RedModel, get_red_model
+from .adapter.model import RedModel, get_red_model
 from .red_config import RedConfig
 from .red_trainer import RedDistillationTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ARCHITECTURES",
+    "Architecture",
     "ActivationStats",
     "ERankCallback",
     "HubPushError",

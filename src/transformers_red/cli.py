@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from .config import RedAdapterConfig
+from .adapter.config import RedAdapterConfig
 
 
 def load_teacher(name_or_path: str | None, gguf_file: str | None = None, seed: int = 0,

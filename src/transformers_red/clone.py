@@ -20,14 +20,27 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from .adapter.architectures import RESIDUAL_TERMS, Architecture, ModelLayout, find_in_layer
 from .losses import masked_mse_sum
 
-CLONE_TERMS = ("q", "k", "v", "gate", "up", "attn", "ffn")
-# clone term -> module whose output it compares
-CLONE_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "gate": "gate_proj", "up": "up_proj",
-                 "attn": "o_proj", "ffn": "down_proj"}
-RESIDUAL_TERMS = ("attn", "ffn")
 CLONE_NORMALIZATIONS = ("teacher_mean_square", "none")
+# one compared output: (module name, rows of its output or None for all of them)
+CloneSite = tuple[str, slice | None]
+
+
+def clone_sites(model: nn.Module, architecture: Architecture, layout: ModelLayout, terms: Iterable[str]
+                ) -> dict[str, list[CloneSite]]:
+    """Clone term -> the compared output in every decoder layer of `model`, from the architecture registry
+    (fused modules such as Phi-3's qkv_proj give each of q / k / v its own rows)."""
+    sites = {}
+    for term in terms:
+        target = architecture.clone_targets.get(term)
+        if target is None:
+            raise ValueError(f"clone term {term!r} has no module in a {model.config.model_type!r} model; "
+                             f"its terms are {sorted(architecture.clone_targets)}.")
+        rows = architecture.clone_rows(term, model.config)
+        sites[term] = [(find_in_layer(model, layer, target.module), rows) for layer in layout.layers]
+    return sites
 
 
 @contextlib.contextmanager
@@ -50,28 +63,35 @@ class CloneLoss:
     """Per clone term, the sum over trained tokens of the (normalised) per-token MSE, over layers.
 
     Args:
-        module_names: clone term -> the module names (one per layer) whose outputs it compares.
+        module_names: clone term -> the compared outputs (module name, rows), one per layer (`clone_sites`).
         projection: module name -> its (d_T, d_S) projection P (used for the attention / FFN outputs).
         output_space: "student" (teacher output @ P against the student output; the paper) or "teacher"
             (student output @ P^T against the teacher output; LRC's code).
         normalization: "teacher_mean_square" or "none" (see the module docstring).
     """
 
-    def __init__(self, module_names: dict[str, list[str]], projection: Callable[[str], torch.Tensor],
+    def __init__(self, module_names: dict[str, list[CloneSite]], projection: Callable[[str], torch.Tensor],
                  output_space: str = "student", normalization: str = "teacher_mean_square"):
         self.module_names, self.projection = module_names, projection
         self.output_space, self.normalization = output_space, normalization
-        self.scales: dict[str, float] | None = None  # module name -> target mean square, set by `calibrate`
+        # (term, module name) -> target mean square, set by `calibrate`
+        self.scales: dict[tuple[str, str], float] | None = None
 
     @property
     def names(self) -> frozenset[str]:
-        return frozenset(n for group in self.module_names.values() for n in group)
+        """The modules whose outputs must be captured."""
+        return frozenset(name for sites in self.module_names.values() for name, _ in sites)
 
-    def pair(self, term: str, name: str, student: torch.Tensor, teacher: torch.Tensor
+    def pair(self, term: str, name: str, rows: slice | None, student: torch.Tensor, teacher: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(student, target) of one module in the space where they are compared, each (B, T, D)."""
+        """(student, target) of one module output in the space where they are compared, each (B, T, D).
+
+        Args:
+            student, teacher: the module's outputs, (B, T, out) for the inner-width terms, (B, T, d_S) and
+                (B, T, d_T) for the residual ones.
+        """
         if term not in RESIDUAL_TERMS:
-            return student, teacher
+            return (student, teacher) if rows is None else (student[..., rows], teacher[..., rows])
         proj = self.projection(name)
         if self.output_space == "student":
             return student, teacher.to(proj.dtype) @ proj
@@ -82,18 +102,18 @@ class CloneLoss:
         """Measure each module's target mean square from teacher passes (outputs per name, (B, T) token mask)."""
         if self.normalization == "none":
             return
-        sums = dict.fromkeys(self.names, 0.0)
+        sums = {(term, name): 0.0 for term, sites in self.module_names.items() for name, _ in sites}
         tokens = 0
         for outputs, mask in teacher_outputs:
             tokens += int(mask.sum())
-            for term, names in self.module_names.items():
-                for name in names:
-                    _, target = self.pair(term, name, outputs[name], outputs[name])
-                    sums[name] += float(masked_mse_sum(target, torch.zeros_like(target), mask))
+            for term, sites in self.module_names.items():
+                for name, rows in sites:
+                    _, target = self.pair(term, name, rows, outputs[name], outputs[name])
+                    sums[term, name] += float(masked_mse_sum(target, torch.zeros_like(target), mask))
         if tokens == 0:
             raise ValueError("The clone normalisation needs calibration texts with at least one token.")
-        # a module whose target is exactly zero would divide by 0: leave it unnormalised
-        self.scales = {name: (total / tokens) or 1.0 for name, total in sums.items()}
+        # an output whose target is exactly zero would divide by 0: leave it unnormalised
+        self.scales = {key: (total / tokens) or 1.0 for key, total in sums.items()}
 
     def sums(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
              token_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -101,11 +121,11 @@ class CloneLoss:
         if self.normalization != "none" and self.scales is None:
             raise RuntimeError("CloneLoss.calibrate must run before the normalised clone loss is used.")
         result = {}
-        for term, names in self.module_names.items():
+        for term, sites in self.module_names.items():
             total = token_mask.new_zeros((), dtype=torch.float32)
-            for name in names:
-                s, t = self.pair(term, name, student[name], teacher[name])
+            for name, rows in sites:
+                s, t = self.pair(term, name, rows, student[name], teacher[name])
                 value = masked_mse_sum(s, t, token_mask)
-                total = total + (value if self.scales is None else value / self.scales[name])
-            result[term] = total if self.normalization == "none" else total / max(1, len(names))
+                total = total + (value if self.scales is None else value / self.scales[term, name])
+            result[term] = total if self.normalization == "none" else total / max(1, len(sites))
         return result

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .calibrate import materialise_batches, plain_model, record_hidden_states
+from .adapter.calibrate import materialise_batches, plain_model, record_hidden_states
 from .data import position_ids_from_mask
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .calibrate import materialise_batches
+from .adapter.calibrate import materialise_batches
 from .data import position_ids_from_mask
 
 

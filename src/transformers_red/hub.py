@@ -21,7 +21,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, is_offl
 from huggingface_hub.utils import validate_repo_id
 
 from .callbacks import ERANK_FILE
-from .model import WEIGHTS_NAME, RedModel
+from .adapter.model import WEIGHTS_NAME, RedModel
 from .red_trainer import RED_CONFIG_FILE, RedDistillationTrainer
 
 logger = logging.getLogger(__name__)

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from trl import SFTConfig
 
-from .clone import CLONE_NORMALIZATIONS, CLONE_TERMS
-from .config import RedAdapterConfig
+from .adapter.architectures import CLONE_TERMS
+from .clone import CLONE_NORMALIZATIONS
+from .adapter.config import RedAdapterConfig
 
 TRAIN_TARGETS = ("projections", "weights")
 

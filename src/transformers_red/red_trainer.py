@@ -25,14 +25,15 @@ from trl import SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import disable_dropout_in_model
 
-from .calibrate import materialise_batches
+from .adapter.calibrate import materialise_batches
 from .callbacks import ERankCallback
-from .clone import CLONE_MODULES, CloneLoss, capture_outputs
-from .config import CONFIG_NAME
+from .adapter.architectures import RESIDUAL_TERMS
+from .clone import CloneLoss, capture_outputs, clone_sites
+from .adapter.config import CONFIG_NAME
 from .cpu_memory import keep_freed_cpu_memory
 from .data import position_ids_from_mask
 from .losses import IGNORE_INDEX, LogitLossWorkspace, fused_logit_loss, generalized_jsd_loss, shift_labels
-from .model import WEIGHTS_NAME, RedModel, get_red_model
+from .adapter.model import WEIGHTS_NAME, RedModel, get_red_model
 from .red_config import RedConfig
 
 RED_CONFIG_FILE = "red_config.json"
@@ -202,8 +203,7 @@ class RedDistillationTrainer(SFTTrainer):
         """The clone term over the wrapped modules, its normalisers measured on the calibration texts."""
         if args.clone_weight == 0 or not args.clone_terms:
             return None
-        names = {term: [n for n in red.targeted_module_names if n.rsplit(".", 1)[-1] == CLONE_MODULES[term]]
-                 for term in args.clone_terms}
+        names = clone_sites(red.base_model, red.architecture, red.layout, args.clone_terms)
         clone = CloneLoss(names, red.projection, args.clone_output_space, args.clone_normalization)
         if args.clone_normalization != "none":
             config = red.red_config
@@ -217,8 +217,8 @@ class RedDistillationTrainer(SFTTrainer):
     def _prune(self, red: RedModel, teacher_model: Any) -> tuple[Any, Any]:
         """train="weights": the merged step-0 student (trainable) and the teacher (the user's, else RED's own)."""
         if self._clone is not None:  # residual-space clone targets keep the initial projection, fixed
-            fixed = {n: red.projection(n).detach().clone() for group in ("attn", "ffn")
-                     for n in self._clone.module_names.get(group, [])}
+            fixed = {n: red.projection(n).detach().clone() for group in RESIDUAL_TERMS
+                     for n, _ in self._clone.module_names.get(group, [])}
             self._clone.projection = fixed.__getitem__
         student = red.merge_and_unload()
         for p in student.parameters():
@@ -409,7 +409,7 @@ class RedDistillationTrainer(SFTTrainer):
                 "erank_source": erank_source,
                 "global_step": self.state.global_step, "tokens_trained": self._total_train_tokens,
                 "teacher_hidden_size": config.teacher_hidden_size,
-                "student_hidden_size": config.resolve_hidden_size(config.teacher_hidden_size)}
+                "student_hidden_size": config.student_hidden_size}
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
                     token: str | None = None, revision: str | None = None, private: bool | None = None,

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from .calibrate import collect_activation_stats, select_channels
-from .config import RedAdapterConfig
+from .adapter.calibrate import collect_activation_stats, select_channels
+from .adapter.config import RedAdapterConfig
 from .erank import layerwise_effective_rank, projection_spectra
 from .evaluate import perplexity
-from .model import get_red_model
+from .adapter.model import get_red_model
 
 
 def _shape(config: Any) -> dict[str, Any]:
@@ -42,7 +42,7 @@ def build_report(teacher: torch.nn.Module, tokenizer: Any, config: RedAdapterCon
                  eval_texts: list[str], inits: tuple[str, ...] = ("activation", "random"), *,
                  max_length: int = 256, show_progress_bar: bool = True) -> dict[str, Any]:
     """Measure the teacher and the step-0 student of each init in `inits`; returns a JSON-able dict."""
-    d_s = config.resolve_hidden_size(teacher.config.hidden_size)
+    d_s = config.resolved_for(teacher).student_hidden_size
     measure = {"max_length": max_length}
     report: dict[str, Any] = {
         "teacher": {"class": type(teacher).__name__, **_shape(teacher.config), "parameters": _num_params(teacher),

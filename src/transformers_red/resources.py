@@ -31,6 +31,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .adapter.architectures import SUPPORTED_MODEL_TYPES, get_architecture
+
 __all__ = [
     "SMOLLM2_GGUF_FILE",
     "SMOLLM2_CACHE_NAME",
@@ -49,7 +51,7 @@ __all__ = [
 
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
-TINY_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+TINY_MODEL_TYPES = SUPPORTED_MODEL_TYPES  # a tiny teacher for every registered architecture
 
 # Byte tokenizer special ids: ASCII control characters that never occur in normal
 # text, so skipping special tokens when decoding cannot eat real characters.
@@ -226,12 +228,12 @@ def tiny_teacher(
 
     Defaults: hidden 64, 2 layers, 4 query heads / 2 KV heads (GQA), head_dim 16,
     intermediate 96, vocab 256 (matches :func:`byte_tokenizer`), 256 positions.
-    RMSNorm gains (including qwen3's q_norm/k_norm) are drawn as ``1 + 0.1 * randn``
-    so they are not all ones. Initialisation is seeded inside
+    RMSNorm multipliers (including qwen3's and gemma3's q_norm/k_norm) are drawn as
+    ``1 + 0.1 * randn`` so they are not all ones (Gemma stores them as ``w`` with multiplier ``1 + w``). Initialisation is seeded inside
     :func:`torch.random.fork_rng`, so the global RNG state is left untouched.
 
     Args:
-        model_type: one of ``"llama"``, ``"qwen2"``, ``"qwen3"``, ``"mistral"``.
+        model_type: a registered architecture (``SUPPORTED_MODEL_TYPES``).
         tie_word_embeddings: share ``lm_head.weight`` with the input embeddings.
         seed: initialisation seed; same seed -> identical weights.
         **overrides: config fields replacing the defaults (``attn_implementation``
@@ -265,10 +267,11 @@ def tiny_teacher(
         model = AutoModelForCausalLM.from_config(
             config, dtype=torch.float32, attn_implementation=attn_implementation
         )
+        neutral = 1.0 - get_architecture(model_type).norm_offset  # Gemma applies (1 + w)
         with torch.no_grad():
             for module in model.modules():
                 if type(module).__name__.endswith("RMSNorm"):
-                    module.weight.copy_(1.0 + 0.1 * torch.randn_like(module.weight))
+                    module.weight.copy_(neutral + 0.1 * torch.randn_like(module.weight))
     return model.eval()
 
 

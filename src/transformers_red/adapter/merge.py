@@ -37,7 +37,28 @@ def merged_state_dict(red_model: "RedModel", progressbar: bool = False) -> dict[
     for key, value in red_model.base_model.state_dict().items():
         if ".base_layer." not in f".{key}":  # tensors of unwrapped modules (e.g. Qwen3 q_norm/k_norm)
             state[key] = value.detach().clone()
+    _fold_embedding_scale(state, red_model)
     return state
+
+
+def _fold_embedding_scale(state: dict[str, torch.Tensor], red_model: "RedModel") -> None:
+    """Keep the student's embedding scale at the teacher's when the model derives it from hidden_size.
+
+    Gemma multiplies its embedding output by sqrt(hidden_size): sqrt(d_T) in the wrapped student (the teacher's
+    config), sqrt(d_S) in the merged model. The ratio c = sqrt(d_T / d_S) goes into the embedding rows; with a
+    tied head, which would then produce c-times logits, the final norm's multiplier is divided by c instead.
+    """
+    architecture, layout = red_model.architecture, red_model.layout
+    c = architecture.embedding_scale(red_model.teacher_hidden_size) / architecture.embedding_scale(
+        red_model.student_hidden_size)
+    if c == 1.0:
+        return
+    embedding = f"{layout.embedding}.weight"
+    state[embedding] = state[embedding] * c
+    if layout.tied:
+        state.pop(f"{layout.head}.weight", None)  # the tied head is the scaled embedding
+        norm, offset = f"{layout.final_norm}.weight", architecture.norm_offset
+        state[norm] = (state[norm] + offset) / c - offset
 
 
 def build_merged_model(red_model: "RedModel", progressbar: bool = False) -> Any:

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import iter_batches, position_ids_from_mask
+from ..data import iter_batches, position_ids_from_mask
+from .architectures import model_layout
 
 
 @dataclass
@@ -43,8 +44,8 @@ def hidden_state_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
     (transformers puts the final RMSNorm's output in place of the last layer's raw output.)
     """
-    decoder = model.model
-    return [decoder.embed_tokens, *list(decoder.layers)[:-1], decoder.norm]
+    layout = model_layout(model)
+    return [model.get_submodule(n) for n in (layout.embedding, *layout.layers[:-1], layout.final_norm)]
 
 
 @contextlib.contextmanager
@@ -80,16 +81,12 @@ def materialise_batches(data: Any, tokenizer: Any, *, batch_size: int, max_lengt
 
 def teacher_context(model: torch.nn.Module):
     """`model.disable_adapter()` for a RedModel (teacher pass), a no-op for a plain model."""
-    from .model import RedModel
-
-    return model.disable_adapter() if isinstance(model, RedModel) else contextlib.nullcontext()
+    return model.disable_adapter() if getattr(model, "is_red_model", False) else contextlib.nullcontext()
 
 
 def plain_model(model: torch.nn.Module) -> torch.nn.Module:
     """The Hugging Face model inside a RedModel, or the model itself."""
-    from .model import RedModel
-
-    return model.base_model if isinstance(model, RedModel) else model
+    return model.base_model if getattr(model, "is_red_model", False) else model
 
 
 @torch.no_grad()
@@ -119,7 +116,7 @@ def collect_activation_stats(model: torch.nn.Module, data: Any, tokenizer: Any =
             valid = mask.sum(1) > 0
             if not valid.any():
                 continue
-            hf_model.model(input_ids=batch["input_ids"], attention_mask=mask,
+            hf_model.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask,
                            position_ids=position_ids_from_mask(mask), use_cache=False)
             m = mask[valid].to(torch.float64).unsqueeze(-1)  # (B', T, 1)
             means = torch.stack([(h[valid].abs().to(torch.float64) * m).sum(1) / m.sum(1) for h in sink])

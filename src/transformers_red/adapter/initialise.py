@@ -56,10 +56,11 @@ def initial_projection(init: str, teacher_hidden_size: int, hidden_size: int, *,
 
 
 def initial_norm_gain(teacher_gain: torch.Tensor, norm_init: str, channels: torch.Tensor | None,
-                      hidden_size: int) -> torch.Tensor:
-    """Student RMSNorm gain (d_S,): the teacher's gain (d_T,) on the selected channels, or ones (LRC)."""
+                      hidden_size: int, norm_offset: float = 0.0) -> torch.Tensor:
+    """Student RMSNorm gain (d_S,): the teacher's stored gain (d_T,) on the selected channels, or the gain whose
+    multiplier is 1 (LRC's ones; a norm applied as `(norm_offset + weight)` stores 1 - norm_offset)."""
     if norm_init == "ones":
-        return torch.ones(hidden_size, dtype=teacher_gain.dtype)
+        return torch.full((hidden_size,), 1.0 - norm_offset, dtype=teacher_gain.dtype)
     if channels is None:
         raise ValueError("norm_init='teacher' needs selected channels: pass calibration data, or use "
                          "norm_init='ones'.")

@@ -13,26 +13,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .architectures import get_architecture
+
 CONFIG_NAME = "red_adapter_config.json"
-
-# Per-`model_type` defaults, like PEFT's `target_module_mapping`. Input-side modules read the residual
-# stream (W_S = W_T @ P); output-side modules write it (W_S = P^T @ W_T). Side is decided by name, not by
-# shape, because q_proj is square whenever heads x head_dim equals the hidden size.
-_LLAMA_LIKE = {
-    "input": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"],
-    "output": ["o_proj", "down_proj"],
-    "norms": ["input_layernorm", "post_attention_layernorm"],
-}
-TARGET_MODULES_MAPPING: dict[str, dict[str, list[str]]] = {
-    "llama": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-}
-SUPPORTED_MODEL_TYPES = tuple(TARGET_MODULES_MAPPING)
-
-# Groups tied by `share_projections=True` (the paper's "IO" sharing): one projection per group per layer.
-SHARED_GROUPS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
 
 # Config keys that do not change the teacher's function or shapes and must not break the fingerprint.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
@@ -78,7 +61,8 @@ class RedAdapterConfig:
                                          "paper's 'IO' sharing). Off: one projection per layer and module."})
     target_modules: dict[str, list[str]] | None = field(
         default=None, metadata={"help": "{'input': [...], 'output': [...], 'norms': [...]} module names inside "
-                                        "each decoder layer. Default: by model_type (TARGET_MODULES_MAPPING)."})
+                                        "each decoder layer. Recorded from the architecture registry "
+                                        "(adapter/architectures.py); a value that differs from it is refused."})
     calibration_num_samples: int = field(
         default=15, metadata={"help": "Number of calibration texts (paper: 15)."})
     calibration_max_length: int = field(
@@ -96,6 +80,7 @@ class RedAdapterConfig:
     teacher_config_fingerprint: str | None = field(
         default=None, metadata={"help": "Hash of the teacher config (recorded; checked on load)."})
     teacher_hidden_size: int | None = field(default=None, metadata={"help": "Teacher width d_T (recorded)."})
+    student_hidden_size: int | None = field(default=None, metadata={"help": "Student width d_S (recorded)."})
     channel_indices: list[int] | None = field(
         default=None, metadata={"help": "Selected residual channels, sorted (recorded by init='activation')."})
 
@@ -147,14 +132,34 @@ class RedAdapterConfig:
                              "target_hidden_size or a width_ratio in (0, 1).")
         return d_s
 
-    def resolve_target_modules(self, model_type: str) -> dict[str, list[str]]:
-        if self.target_modules is not None:
-            return self.target_modules
-        if model_type not in TARGET_MODULES_MAPPING:
-            raise ValueError(f"model_type {model_type!r} is not supported by transformers_red; supported: "
-                             f"{', '.join(SUPPORTED_MODEL_TYPES)}. For a Llama-like architecture pass "
-                             "target_modules={'input': [...], 'output': [...], 'norms': [...]}.")
-        return TARGET_MODULES_MAPPING[model_type]
+    def resolved_for(self, model: Any) -> "RedAdapterConfig":
+        """A copy of this config completed for the teacher `model`, checked once before any expensive work:
+        model type (must be registered), d_T and d_S, the target modules from the architecture registry, and
+        the teacher's identity and config fingerprint."""
+        if not hasattr(model, "config") or not hasattr(model.config, "model_type"):
+            raise TypeError(f"Expected a transformers PreTrainedModel, got {type(model).__name__}.")
+        model_type = model.config.model_type
+        architecture = get_architecture(model_type)
+        if self.model_type not in (None, model_type):
+            raise ValueError(f"This adapter config was made for a {self.model_type!r} teacher, not {model_type!r}.")
+        d_t = model.config.hidden_size
+        d_s = self.resolve_hidden_size(d_t)
+        if self.student_hidden_size not in (None, d_s):
+            raise ValueError(f"This adapter config records student_hidden_size={self.student_hidden_size}, but "
+                             f"its width setting gives {d_s} for this teacher (hidden_size {d_t}).")
+        targets = architecture.target_modules()
+        if self.target_modules is not None and {k: sorted(v) for k, v in self.target_modules.items()} != {
+                k: sorted(v) for k, v in targets.items()}:
+            raise ValueError(f"target_modules={self.target_modules} differs from the {model_type!r} entry of the "
+                             f"architecture registry ({targets}). Every module that reads or writes the residual "
+                             "stream must be wrapped, or the student computes a different function; change "
+                             "transformers_red/adapter/architectures.py instead (docs/architectures.md).")
+        resolved = dataclasses.replace(self)
+        resolved.model_type, resolved.teacher_hidden_size, resolved.student_hidden_size = model_type, d_t, d_s
+        resolved.target_modules = targets
+        resolved.teacher_name_or_path = self.teacher_name_or_path or getattr(model, "name_or_path", None) or None
+        resolved.teacher_config_fingerprint = teacher_config_fingerprint(model.config)
+        return resolved
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

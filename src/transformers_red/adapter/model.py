@@ -8,7 +8,6 @@ a plain, smaller model of the teacher's class.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -17,11 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .architectures import find_in_layer, get_architecture, model_layout
 from .calibrate import collect_activation_stats, select_channels
-from .config import SHARED_GROUPS, RedAdapterConfig, teacher_config_fingerprint
-from .data import check_not_empty
+from .config import RedAdapterConfig, teacher_config_fingerprint
+from ..data import check_not_empty
 from .initialise import initial_norm_gain, initial_projection
 from .layer import RedEmbedding, RedLayer, RedLinear, RedRMSNorm, RedState
+from .merge import build_merged_model
 
 WEIGHTS_NAME = "red_adapter_model.safetensors"
 
@@ -35,11 +36,6 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
-def _teacher_dims(model: nn.Module) -> tuple[int, int]:
-    config = model.config
-    return config.hidden_size, config.num_hidden_layers
-
-
 class RedModel(nn.Module):
     """A teacher wrapped so that its forward is the width-d_S student.
 
@@ -48,45 +44,42 @@ class RedModel(nn.Module):
     Everything of the teacher is frozen.
     """
 
+    # `calibrate.teacher_context` tells a RedModel from a plain model by this flag (no import of this module)
+    is_red_model = True
+
     def __init__(self, model: nn.Module, config: RedAdapterConfig, channels: torch.Tensor | None):
+        """`config` is resolved for `model` (`RedAdapterConfig.resolved_for`); `get_red_model` builds both."""
         super().__init__()
-        d_t, num_layers = _teacher_dims(model)
         self.base_model = model
         self.red_config = config
+        self.architecture = get_architecture(config.model_type)
+        self.layout = model_layout(model, self.architecture)
         self.red_projections = nn.ParameterDict()
         self.red_norms = nn.ParameterDict()
         self._red_state = RedState()
         self._channels = None if channels is None else torch.as_tensor(channels, dtype=torch.long)
-        self.teacher_hidden_size = d_t
-        self.student_hidden_size = config.resolve_hidden_size(d_t)
+        self.teacher_hidden_size = config.teacher_hidden_size
+        self.student_hidden_size = config.student_hidden_size
         for p in model.parameters():
             p.requires_grad_(False)
         generator = torch.Generator().manual_seed(config.seed)
-        targets = config.resolve_target_modules(model.config.model_type)
-        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-        self._wrap("model.embed_tokens", RedEmbedding, self.red_projections, "model_embed_tokens", generator)
-        self._wrap("lm_head", RedLinear, self.red_projections,
-                   "model_embed_tokens" if tied else "lm_head", generator, side="input")
-        for i in range(num_layers):
-            prefix = f"model.layers.{i}"
+        targets, layout = config.target_modules, self.layout
+        embedding_key = _store_key(layout.embedding)
+        self._wrap(layout.embedding, RedEmbedding, self.red_projections, embedding_key, generator)
+        self._wrap(layout.head, RedLinear, self.red_projections, embedding_key if layout.tied else None, generator,
+                   side="input")
+        for layer in layout.layers:
             for side in ("input", "output"):
                 for short in targets[side]:
-                    name = self._find(prefix, short)
-                    group = SHARED_GROUPS.get(short) if config.share_projections else None
+                    name = find_in_layer(model, layer, short)
+                    group = self.architecture.shared_groups.get(short) if config.share_projections else None
                     key = _store_key(f"{name.rpartition('.')[0]}.{group}" if group else name)
                     self._wrap(name, RedLinear, self.red_projections, key, generator, side=side)
             for short in targets["norms"]:
-                self._wrap(self._find(prefix, short), RedRMSNorm, self.red_norms, None, generator)
-        self._wrap("model.norm", RedRMSNorm, self.red_norms, None, generator)
+                self._wrap(find_in_layer(model, layer, short), RedRMSNorm, self.red_norms, None, generator)
+        self._wrap(layout.final_norm, RedRMSNorm, self.red_norms, None, generator)
 
     # ----------------------------------------------------------------------------------------- building
-    def _find(self, prefix: str, short: str) -> str:
-        for name, _ in self.base_model.get_submodule(prefix).named_modules(prefix=prefix):
-            if name.rsplit(".", 1)[-1] == short:
-                return name
-        raise ValueError(f"No module {short!r} under {prefix} in this {type(self.base_model).__name__}; "
-                         "check target_modules.")
-
     def _wrap(self, name: str, cls: type[RedLayer], store: nn.ParameterDict, key: str | None,
               generator: torch.Generator, **kwargs: Any) -> None:
         base = self.base_model.get_submodule(name)
@@ -98,7 +91,8 @@ class RedModel(nn.Module):
     def _initial_value(self, cls: type[RedLayer], base: nn.Module, generator: torch.Generator) -> torch.Tensor:
         weight = base.weight
         if cls is RedRMSNorm:
-            value = initial_norm_gain(weight, self.red_config.norm_init, self._channels, self.student_hidden_size)
+            value = initial_norm_gain(weight, self.red_config.norm_init, self._channels, self.student_hidden_size,
+                                      norm_offset=self.architecture.norm_offset)
         else:
             value = initial_projection(self.red_config.init, self.teacher_hidden_size, self.student_hidden_size,
                                        channels=self._channels, std=self.red_config.init_std,
@@ -189,8 +183,6 @@ class RedModel(nn.Module):
 
         The RedModel is left as it was (the teacher is not modified).
         """
-        from .merge import build_merged_model
-
         return build_merged_model(self, progressbar=progressbar)
 
     def unload(self) -> nn.Module:
@@ -250,29 +242,22 @@ class RedModel(nn.Module):
         return [*self.red_projections.values(), *self.red_norms.values()]
 
 
-def _check_teacher(model: nn.Module, config: RedAdapterConfig) -> None:
-    if isinstance(model, RedModel):
-        raise ValueError("This model is already a RedModel; pass the plain teacher (or call .unload()).")
-    if not hasattr(model, "config") or not hasattr(model.config, "model_type"):
-        raise TypeError(f"Expected a transformers PreTrainedModel, got {type(model).__name__}.")
-    config.resolve_target_modules(model.config.model_type)  # raises for unsupported types
-    config.resolve_hidden_size(model.config.hidden_size)
-
-
 def get_red_model(model: nn.Module, config: RedAdapterConfig, calibration_data: Any = None, tokenizer: Any = None,
                   show_progress_bar: bool = True) -> RedModel:
     """Wrap `model` (the teacher, modified in place) into a `RedModel` following `config`.
 
     Args:
-        model: a causal LM of a supported architecture (Llama, Qwen2, Qwen3, Mistral).
+        model: a causal LM of a registered architecture (`SUPPORTED_MODEL_TYPES`: Llama, Mistral, Qwen2, Qwen3,
+            Gemma 2, Gemma 3, Phi-3).
         config: the adapter configuration; a copy is recorded on the RedModel with the teacher's identity and
             the selected channels.
         calibration_data: list of strings, `datasets.Dataset`, or tokenised batches. Needed by
             init="activation" and norm_init="teacher" unless `config.channel_indices` is already set.
         tokenizer: the teacher's tokenizer, for text calibration data.
     """
-    config = dataclasses.replace(config)
-    _check_teacher(model, config)
+    if getattr(model, "is_red_model", False):
+        raise ValueError("This model is already a RedModel; pass the plain teacher (or call .unload()).")
+    config = config.resolved_for(model)  # raises for unsupported types and widths, before any forward
     channels = config.channel_indices
     if config.needs_calibration:
         if calibration_data is None:
@@ -285,12 +270,8 @@ def get_red_model(model: nn.Module, config: RedAdapterConfig, calibration_data: 
                                          max_length=config.calibration_max_length,
                                          batch_size=config.calibration_batch_size, seed=config.calibration_seed,
                                          show_progress_bar=show_progress_bar)
-        channels = select_channels(stats.scores, config.resolve_hidden_size(model.config.hidden_size)).tolist()
+        channels = select_channels(stats.scores, config.student_hidden_size).tolist()
         if config.calibration_source is None:
             config.calibration_source = type(calibration_data).__name__
     config.channel_indices = channels
-    config.model_type = model.config.model_type
-    config.teacher_name_or_path = config.teacher_name_or_path or getattr(model, "name_or_path", None) or None
-    config.teacher_config_fingerprint = teacher_config_fingerprint(model.config)
-    config.teacher_hidden_size = model.config.hidden_size
     return RedModel(model, config, None if channels is None else torch.tensor(channels))

@@ -1,0 +1,78 @@
+"""Helpers shared by the tests (import with `from testing_utils import ...`).
+
+The architecture list comes from the library's registry, so a new registry entry is tested everywhere; what
+each architecture looks like (which tensors to slice, Gemma's embedding scale and (1 + w) norms, Phi-3's fused
+projections) is written here independently of the library, so the equivalence tests check the library against
+a second implementation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from transformers_red.adapter.architectures import SUPPORTED_MODEL_TYPES
+from transformers_red.resources import tiny_teacher
+
+# (model_type, tie_word_embeddings, config overrides): every registered architecture, tied and untied.
+ARCHITECTURES = [(t, tie, {}) for t in SUPPORTED_MODEL_TYPES for tie in (True, False)]
+ARCHITECTURES.append(("llama", False, {"attention_bias": True, "mlp_bias": True}))  # output-side biases too
+ARCH_IDS = [f"{t}-{'tied' if tie else 'untied'}{'-bias' if kw else ''}" for t, tie, kw in ARCHITECTURES]
+
+# Written from the models' code, not from the registry.
+READS_RESIDUAL = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj", "lm_head"}
+WRITES_RESIDUAL = {"o_proj", "down_proj"}
+RESIDUAL_NORMS = {"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                  "post_feedforward_layernorm", "norm"}  # q_norm / k_norm act on head_dim
+LINEARS_PER_LAYER = {"phi3": 4}  # fused qkv_proj and gate_up_proj; others 7
+SHARED_LINEARS_PER_LAYER = 4  # qkv, gate_up, o, down
+NORMS_PER_LAYER = {"gemma2": 4, "gemma3_text": 4}  # others 2
+GEMMA_LIKE = {"gemma2", "gemma3_text"}  # embeddings x sqrt(hidden_size), norms x (1 + w)
+
+
+def make_teacher(model_type: str, tie: bool, overrides: dict, seed: int = 0):
+    """A tiny teacher whose biases are random too (HF initialises them to zero), so they are exercised."""
+    model = tiny_teacher(model_type, tie_word_embeddings=tie, seed=seed, **overrides).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def hard_pruned_teacher(teacher, channels):
+    """The teacher with residual channels `channels` kept, built by slicing its tensors.
+
+    For Gemma the pruned model (width d_S) scales its embeddings by sqrt(d_S), the teacher by sqrt(d_T): the
+    embedding rows are multiplied by c = sqrt(d_T / d_S), and with tied embeddings the final norm's multiplier
+    (1 + w) is divided by c so the logits stay the teacher's.
+    """
+    config = teacher.config.to_dict()
+    d_t, d_s = teacher.config.hidden_size, len(channels)
+    config["head_dim"] = getattr(teacher.config, "head_dim", None) or d_t // teacher.config.num_attention_heads
+    config["hidden_size"] = d_s
+    pruned = type(teacher)(type(teacher.config).from_dict(config)).eval()
+    gemma, tied = teacher.config.model_type in GEMMA_LIKE, teacher.config.tie_word_embeddings
+    c = math.sqrt(d_t / d_s) if gemma else 1.0
+    g = torch.as_tensor(channels)
+    state = {}
+    for name, value in teacher.state_dict().items():
+        short = name.split(".")[-2]
+        if short in READS_RESIDUAL and name.endswith("weight"):
+            value = value[:, g]
+        elif short in WRITES_RESIDUAL:
+            value = value[g]
+        elif short == "embed_tokens":
+            value = value[:, g] * c
+        elif short in RESIDUAL_NORMS:
+            value = value[g]
+            if gemma and tied and name == "model.norm.weight":
+                value = (1 + value) / c - 1
+        state[name] = value
+    if tied:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = pruned.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return pruned
