@@ -40,10 +40,10 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from transformers_red import RedConfig, RedDistillationTrainer  # noqa: E402
-from transformers_red.erank import layerwise_effective_rank  # noqa: E402
-from transformers_red.evaluate import perplexity  # noqa: E402
+from transformers_red.evaluation.erank import layerwise_effective_rank  # noqa: E402
+from transformers_red.evaluation.perplexity import perplexity  # noqa: E402
 from transformers_red.records import update_marked_section  # noqa: E402
-from transformers_red.tasks import greedy_generate  # noqa: E402
+from transformers_red.demo.chain_task import greedy_generate  # noqa: E402
 
 ARMS = {
     "red": ("RED, defaults", {}),
@@ -237,9 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
 
     def load_teacher():
-        from transformers_red.cli import load_teacher as load
+        from transformers_red.loading import load_model
 
-        teacher, tokenizer = load(args.teacher)
+        teacher, tokenizer = load_model(args.teacher)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return teacher, tokenizer

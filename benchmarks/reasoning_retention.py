@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch  # noqa: E402
 
-from transformers_red.demo import VARIANTS, run_demo  # noqa: E402
+from transformers_red.demo.run import VARIANTS, run_demo  # noqa: E402
 from transformers_red.records import update_marked_section  # noqa: E402
 
 

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from transformers_red import RedConfig, RedDistillationTrainer  # noqa: E402
-from transformers_red.evaluate import perplexity  # noqa: E402
+from transformers_red.evaluation.perplexity import perplexity  # noqa: E402
 
 CLONES = {
     "student": {"clone_weight": 0.2, "clone_output_space": "student", "clone_normalization": "none"},
@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     from real_model_arms import build_data
 
     def load_teacher():
-        from transformers_red.cli import load_teacher as load
+        from transformers_red.loading import load_model
 
-        return load(args.teacher)
+        return load_model(args.teacher)
 
     train, held_out, _ = build_data(args.train_samples, 0, args.seed)
     runs = []

@@ -221,7 +221,7 @@ class Clock:
 
 def breakdown_c(trainer, batch, num_items, rounds: int) -> dict[str, tuple[float, float]]:
     """Median (wall, CPU) seconds of each part of one distillation step, done as `compute_loss` does it."""
-    from transformers_red.losses import IGNORE_INDEX, fused_logit_loss, shift_labels
+    from transformers_red.training.losses import IGNORE_INDEX, fused_logit_loss, shift_labels
 
     red, args, model = trainer.red_model, trainer.args, trainer.model
     fwd = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -258,7 +258,7 @@ def breakdown_c(trainer, batch, num_items, rounds: int) -> dict[str, tuple[float
 
 def breakdown_reference(trainer, plain_teacher, student, batch, rounds: int) -> dict[str, tuple[float, float]]:
     """Reference timings for reading the breakdown (not part of any ratio)."""
-    from transformers_red import losses
+    from transformers_red.training import losses
 
     red, args = trainer.red_model, trainer.args
     fwd = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
           f"| trl {trl.__version__} | torch threads {torch.get_num_threads()} | cpus usable {affinity} "
           f"(os.cpu_count {os.cpu_count()})")
     results = [run_model(name, args) for name in args.models]
-    from transformers_red.cpu_memory import keep_freed_cpu_memory
+    from transformers_red.training.cpu_memory import keep_freed_cpu_memory
 
     kept = (not args.return_freed_memory) and keep_freed_cpu_memory()
     print(f"allocator: freed CPU memory kept in the process (RedConfig.keep_freed_cpu_memory, set by the trainer "

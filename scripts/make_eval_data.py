@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate the offline evaluation data shipped in `src/transformers_red/eval_tasks/data/`.
+"""Generate the offline evaluation data shipped in `src/transformers_red/evaluation/tasks/data/`.
 
 Nothing here is hand-written or downloaded: every record is produced, with fixed seeds, from
 
@@ -31,7 +31,7 @@ from typing import Any
 SEED = 1234
 N_TEST = 200
 N_TRAIN = 20
-DATA_DIR = pathlib.Path(__file__).resolve().parents[1] / "src" / "transformers_red" / "eval_tasks" / "data"
+DATA_DIR = pathlib.Path(__file__).resolve().parents[1] / "src" / "transformers_red" / "evaluation" / "tasks" / "data"
 
 GSM_SUFFIX = " Give the result as your final answer. Do not include units."
 TRAIN_SEED_OFFSET = 1_000_000  # reasoning-gym seeds item i with Random(seed + i): keep the splits apart

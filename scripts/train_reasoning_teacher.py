@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Train the small chain-reasoning teacher shipped in ``src/transformers_red/data/reasoning_teacher``.
+"""Train the small chain-reasoning teacher shipped in ``src/transformers_red/demo/reasoning_teacher``.
 
 A LlamaForCausalLM (hidden 128, 4 layers, 4 query / 2 KV heads of dim 32, FFN 384, tied embeddings) is
-trained from scratch on the variable-binding chain task of :mod:`transformers_red.tasks` (mixed hop counts),
+trained from scratch on the variable-binding chain task of :mod:`transformers_red.demo.chain_task` (mixed hop counts),
 with the loss on the target (rationale + answer + end marker) only. Fresh problems are generated for every
 step from a seeded stream, so there is no repeated data. At the end the model is scored by greedy exact
 match on a fixed held-out set (a different seed) and saved, with its tokenizer, generation config and a
@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 import transformers  # noqa: E402
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from transformers_red.tasks import (  # noqa: E402
+from transformers_red.demo.chain_task import (  # noqa: E402
     weights_digest,
     DISTRACTORS,
     MAX_VALUE,
@@ -49,7 +49,7 @@ from transformers_red.tasks import (  # noqa: E402
     generate_problems,
 )
 
-DEFAULT_OUTPUT = REPO / "src" / "transformers_red" / "data" / "reasoning_teacher"
+DEFAULT_OUTPUT = REPO / "src" / "transformers_red" / "demo" / "reasoning_teacher"
 SAVED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json", "training_report.json")
 
@@ -199,7 +199,7 @@ def main(argv=None) -> dict:
     save_model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     report = {
-        "task_family": "variable-binding chains (transformers_red.tasks)",
+        "task_family": "variable-binding chains (transformers_red.demo.chain_task)",
         "command": " ".join(["python scripts/train_reasoning_teacher.py", *(sys.argv[1:] if argv is None else argv)]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "output_dir"},
         "seed": args.seed,

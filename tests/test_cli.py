@@ -6,7 +6,7 @@ import os
 import pytest
 from transformers import AutoModelForCausalLM
 
-from transformers_red.cli import main
+from transformers_red.commands import main
 from transformers_red.resources import builtin_texts, byte_tokenizer, tiny_teacher
 
 
@@ -51,7 +51,7 @@ def test_distill_from_yaml_and_flags(tmp_path, teacher_dir, train, capsys):
     assert "Saved a plain Qwen3ForCausalLM student of width 16 (teacher 64" in capsys.readouterr().out
     student = AutoModelForCausalLM.from_pretrained(out)
     assert type(student).__name__ == "Qwen3ForCausalLM" and student.config.hidden_size == 16
-    summary = json.loads((out / "red_config.json").read_text())
+    summary = json.loads((out / "red_summary.json").read_text())
     assert summary["distillation"]["temperature"] == 2.0
     assert summary["distillation"]["clone_terms"] == ["q", "k", "attn"]
     assert summary["distillation"]["train"] == train

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from transformers_red import RedConfig, RedDistillationTrainer
-from transformers_red.clone import CloneLoss
+from transformers_red.training.clone import CloneLoss
 from transformers_red.adapter.layer import RedLayer
 from transformers_red.resources import builtin_texts
 
@@ -114,4 +114,4 @@ def test_hybrid_projections_then_weights_continues_from_the_trained_projections(
         torch.testing.assert_close(second.model(input_ids).logits, after_projections, rtol=0, atol=1e-5)
     second.train()
     second.save_model()
-    assert json.loads((tmp_path / "weights" / "out" / "red_config.json").read_text())["distillation"]["train"] == "weights"
+    assert json.loads((tmp_path / "weights" / "out" / "red_summary.json").read_text())["distillation"]["train"] == "weights"

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from transformers_red.demo import format_demo, run_demo
+from transformers_red.demo.run import format_demo, run_demo
 
 
 def test_demo_reduced_mode(tmp_path):
@@ -44,7 +44,7 @@ def test_update_marked_section_replaces_only_its_own_section(tmp_path):
 def test_demo_on_another_teacher_folder_and_user_text(tmp_path):
     import shutil
 
-    from transformers_red.tasks import generate_mixed_problems, reasoning_teacher_dir
+    from transformers_red.demo.chain_task import generate_mixed_problems, reasoning_teacher_dir
 
     teacher = tmp_path / "my_teacher"
     shutil.copytree(reasoning_teacher_dir(), teacher)
@@ -60,8 +60,8 @@ def test_demo_on_another_teacher_folder_and_user_text(tmp_path):
 
 
 def test_demo_distils_generated_problems_on_their_completions_only(tmp_path, monkeypatch):
-    import transformers_red.demo as demo
-    from transformers_red.tasks import END_MARKER, generate_mixed_problems
+    import transformers_red.demo.run as demo
+    from transformers_red.demo.chain_task import END_MARKER, generate_mixed_problems
 
     problems = generate_mixed_problems(3, seed=0)
     columns = demo.completion_columns(problems)

@@ -7,7 +7,7 @@ import torch
 from testing_utils import make_teacher
 
 from transformers_red import RedAdapterConfig, effective_rank, get_red_model, layerwise_effective_rank
-from transformers_red.erank import spectrum_effective_rank
+from transformers_red.evaluation.erank import spectrum_effective_rank
 
 
 def test_hand_computed_case():

@@ -10,8 +10,10 @@ import sys
 import pytest
 import torch
 
-from transformers_red import evaluation
-from transformers_red.evaluation import DATA_DIR, OFFLINE_TAG, OFFLINE_TASKS, TASKS_DIR
+from transformers_red.commands import erank as erank_command
+from transformers_red.commands import eval as eval_command
+from transformers_red.evaluation import lm_eval as evaluation
+from transformers_red.evaluation.lm_eval import DATA_DIR, OFFLINE_TAG, OFFLINE_TASKS, TASKS_DIR
 from transformers_red.resources import byte_tokenizer, tiny_teacher
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -211,7 +213,7 @@ def test_cli_eval_on_a_folder(tmp_path, one_thread, capsys):
     tiny_teacher("llama").save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     out, card = tmp_path / "results.json", tmp_path / "card.json"
-    assert evaluation.cli_eval([str(folder), "--tasks", "red_pydoc_mc", "--limit", "3", "--batch-size", "3",
+    assert eval_command.main([str(folder), "--tasks", "red_pydoc_mc", "--limit", "3", "--batch-size", "3",
                                 "--device", "cpu", "--output", str(out), "--eval-results", str(card)]) == 0
     printed = capsys.readouterr().out
     assert "acc_norm" in printed and "limit 3" in printed
@@ -237,7 +239,7 @@ def test_missing_lm_eval_gives_install_hint(monkeypatch):
     with pytest.raises(ImportError, match=r"transformers_red\[eval\]"):
         evaluation.evaluate_compressed(tiny_teacher("llama"), byte_tokenizer(), limit=1)
     with pytest.raises(SystemExit, match=r"transformers_red\[eval\]"):
-        evaluation.cli_eval(["somewhere", "--limit", "1"])
+        eval_command.main(["somewhere", "--limit", "1"])
 
 
 # --------------------------------------------------------------------------------------------- eRank
@@ -258,7 +260,7 @@ def test_cli_erank_table_plot_and_json(two_students, tmp_path, capsys, one_threa
     text.write_text("First paragraph about lists and tuples.\nStill the first.\n\n\nSecond paragraph: "
                     "dictionaries map keys to values.\n\nThird one, on sets.\n", encoding="utf-8")
     plot, out = tmp_path / "plots" / "erank.png", tmp_path / "erank.json"
-    assert evaluation.cli_erank([*two_students, "--text", str(text), "--labels", "two", "three",
+    assert erank_command.main([*two_students, "--text", str(text), "--labels", "two", "three",
                                  "--max-length", "32", "--output", str(plot), "--json", str(out)]) == 0
     printed = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(printed) if line.split()[:3] == ["layer", "two", "three"])
@@ -275,7 +277,7 @@ def test_cli_erank_table_plot_and_json(two_students, tmp_path, capsys, one_threa
 def test_cli_erank_builtin_without_matplotlib(two_students, tmp_path, capsys, monkeypatch, one_thread):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     plot = tmp_path / "erank.png"
-    assert evaluation.cli_erank([two_students[0], "--text", "builtin", "--num-texts", "4", "--max-length", "32",
+    assert erank_command.main([two_students[0], "--text", "builtin", "--num-texts", "4", "--max-length", "32",
                                  "--output", str(plot)]) == 0
     captured = capsys.readouterr()
     assert "matplotlib" in captured.err and not plot.exists()
@@ -284,8 +286,8 @@ def test_cli_erank_builtin_without_matplotlib(two_students, tmp_path, capsys, mo
 
 def test_cli_erank_errors(two_students, tmp_path):
     with pytest.raises(SystemExit, match="labels"):
-        evaluation.cli_erank([two_students[0], "--labels", "a", "b"])
+        erank_command.main([two_students[0], "--labels", "a", "b"])
     with pytest.raises(SystemExit, match="neither a file"):
-        evaluation.cli_erank([two_students[0], "--text", str(tmp_path / "missing.txt")])
+        erank_command.main([two_students[0], "--text", str(tmp_path / "missing.txt")])
     with pytest.raises(SystemExit, match="Cannot load"):
-        evaluation.cli_erank([str(tmp_path / "no_model")])
+        erank_command.main([str(tmp_path / "no_model")])

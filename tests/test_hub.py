@@ -4,7 +4,6 @@ The real `huggingface_hub` client runs unmodified (no HfApi method is mocked) ag
 127.0.0.1; nothing leaves the machine. `ModelCard.validate()` is never called (it posts to a fixed public URL).
 """
 
-import argparse
 import contextlib
 import hashlib
 import importlib.util
@@ -27,14 +26,13 @@ from transformers import AutoModelForCausalLM
 
 from transformers_red import RedAdapterConfig, RedConfig, RedDistillationTrainer, get_red_model
 from transformers_red.hub import (
-    RED_ERANK_FILE,
+    CARD_ERANK_NAME,
     HubPushError,
-    add_push_arguments,
     build_model_card,
     count_parameters,
     push_compressed,
-    run_push,
 )
+from transformers_red.commands import push as push_command
 from transformers_red.resources import builtin_texts, byte_tokenizer, tiny_teacher
 
 TOKEN = "hf_fakeTOKEN0123456789secret"
@@ -135,7 +133,7 @@ def api_for(hub) -> HfApi:
 
 # -------------------------------------------------------------------------------------------- model card
 def test_card_from_trainer_folder(student_folder):
-    summary = json.loads((student_folder / "red_config.json").read_text())
+    summary = json.loads((student_folder / "red_summary.json").read_text())
     erank = json.loads((student_folder / "erank.json").read_text())
     results = [{"task": "gsm8k", "metric": "exact_match", "value": 0.125, "split": "test", "num_fewshot": 5,
                 "name": "exact_match (strict-match, 5-shot)", "metric_config": "strict-match",  # as `eval` writes
@@ -185,7 +183,7 @@ def test_card_overrides_and_non_hub_teacher(student_folder, tmp_path):
     assert meta["red"]["teacher_hidden_size"] == 128 and meta["red"]["erank"] is None
     assert meta["red"]["library_version"] == "9.9" and "model-index" not in meta
     assert count_parameters({"model_type": "no-such-arch"}) is None
-    summary = {**json.loads((student_folder / "red_config.json").read_text()), "erank_source": "eval_dataset"}
+    summary = {**json.loads((student_folder / "red_summary.json").read_text()), "erank_source": "eval_dataset"}
     assert red_block(build_model_card(student_folder, red_summary=summary))["erank"]["measured_on"] == "eval_dataset"
 
 
@@ -210,7 +208,7 @@ def test_push_and_load_back(hub, student_folder):
     assert writes and all(r.authorization == f"Bearer {TOKEN}" for r in writes)
     files = hub.files(REPO)
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md",
-            "red_config.json", "erank.json", RED_ERANK_FILE} <= set(files)
+            "red_summary.json", "erank.json", CARD_ERANK_NAME} <= set(files)
 
     # load back by repo id, as a user would (anonymous: the repo is public)
     with every_log_record() as more_records:
@@ -223,8 +221,8 @@ def test_push_and_load_back(hub, student_folder):
     card = ModelCard.load(REPO)
     red = red_block(card)
     assert card.data.base_model == SMOLLM2 and red["student_hidden_size"] == 32
-    assert red["erank"]["measured_on"] == "held-out docs" and red["erank"]["per_layer"] == RED_ERANK_FILE
-    per_layer = json.loads(open(hf_hub_download(REPO, RED_ERANK_FILE)).read())
+    assert red["erank"]["measured_on"] == "held-out docs" and red["erank"]["per_layer"] == CARD_ERANK_NAME
+    per_layer = json.loads(open(hf_hub_download(REPO, CARD_ERANK_NAME)).read())
     erank = json.loads((student_folder / "erank.json").read_text())
     assert per_layer["teacher"] == erank["teacher"] and per_layer["student"] == erank["history"][-1]["student"]
     assert per_layer["measured_on"] == "held-out docs"
@@ -332,20 +330,17 @@ def test_private_repo_needs_the_token(hub, student_folder):
 
 
 def test_push_command(hub, student_folder, tmp_path, monkeypatch, capsys):
-    parser = argparse.ArgumentParser()
-    add_push_arguments(parser)
     results = tmp_path / "results.json"  # as `transformers-red eval --output` writes it
     results.write_text(json.dumps({"table": "", "eval_results": [{"task": "arc_easy", "metric": "acc", "value": 0.4}]}))
-    args = parser.parse_args([str(student_folder), REPO, "--dry-run", "--teacher", SMOLLM2,
-                              "--eval-results", str(results)])
-    assert run_push(args) == 0
+    assert push_command.main([str(student_folder), REPO, "--dry-run", "--teacher", SMOLLM2,
+                              "--eval-results", str(results)]) == 0  # dashed flags of 0.1 still work
     printed = capsys.readouterr().out
     assert "red:" in printed and "arc_easy" in printed and hub.requests == []
     monkeypatch.setenv("HF_TOKEN", TOKEN)  # how the CLI gets a token: never a flag
-    assert run_push(parser.parse_args([str(student_folder), REPO])) == 0
+    assert push_command.main([str(student_folder), REPO]) == 0
     assert "pushed" in capsys.readouterr().out and "model.safetensors" in hub.files(REPO)
     with pytest.raises(SystemExit, match="no model.safetensors"):
-        run_push(parser.parse_args([str(tmp_path), "user/x"]))
+        push_command.main([str(tmp_path), "user/x"])
 
 
 def test_fake_hub_speaks_the_client_protocol(hub):

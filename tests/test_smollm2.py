@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from transformers_red import RedAdapterConfig, get_red_model
-from transformers_red.evaluate import perplexity
+from transformers_red.evaluation.perplexity import perplexity
 from transformers_red.resources import builtin_texts
 
 pytestmark = pytest.mark.slow

@@ -1,11 +1,11 @@
-"""The variable-binding chain task family and the embedded reasoning teacher (transformers_red.tasks)."""
+"""The variable-binding chain task family and the embedded reasoning teacher (transformers_red.demo.chain_task)."""
 
 import re
 
 import pytest
 import torch
 
-from transformers_red.tasks import (
+from transformers_red.demo.chain_task import (
     weights_digest,
     END_MARKER,
     MAX_VALUE,

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from transformers_red import RedAdapterConfig, RedConfig, RedDistillationTrainer, get_red_model
-from transformers_red.losses import LogitLossWorkspace, fused_logit_loss, logit_loss_sums, masked_mse_sum
+from transformers_red.training.losses import LogitLossWorkspace, fused_logit_loss, logit_loss_sums, masked_mse_sum
 from transformers_red.resources import builtin_texts, tiny_teacher
 
 
@@ -276,13 +276,13 @@ def test_save_model_writes_plain_student(tmp_path, train_texts, tokenizer, teach
     out = tmp_path / "student"
     trainer.save_model(str(out))
     files = set(os.listdir(out))
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "red_config.json",
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "red_summary.json",
             "erank.json"} <= files
     assert not any(n.startswith(".staging") for n in files)
     student = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     with torch.no_grad():
         torch.testing.assert_close(student(input_ids).logits, trainer.model(input_ids).logits, rtol=0, atol=1e-4)
-    summary = json.load(open(out / "red_config.json"))
+    summary = json.load(open(out / "red_summary.json"))
     assert summary["student_hidden_size"] == 32 and summary["distillation"]["temperature"] == 1.0
     assert summary["distillation"]["train"] == train
     assert summary["distillation"]["clone_normalization"] == "teacher_mean_square"
@@ -293,7 +293,7 @@ def test_save_model_writes_plain_student(tmp_path, train_texts, tokenizer, teach
 def test_erank_callback_logs_and_raises_the_collapse_alarm(tmp_path, train_texts, tokenizer, teacher, caplog):
     trainer = make_trainer(tmp_path, train_texts, tokenizer, teacher, max_steps=2, erank_steps=1,
                            erank_num_samples=3, erank_collapse_ratio=2.0)  # a student never has 2x the teacher's
-    with caplog.at_level("WARNING", logger="transformers_red.callbacks"):
+    with caplog.at_level("WARNING", logger="transformers_red.training.callbacks"):
         trainer.train()
     assert "eRank collapse at step 0" in caplog.text
     logged = [h for h in trainer.state.log_history if "erank/mean" in h]
@@ -318,8 +318,8 @@ def test_separate_teacher_model_gives_the_same_step(tmp_path, train_texts, token
 def test_cpu_training_keeps_freed_memory_unless_disabled(tmp_path, train_texts, tokenizer, monkeypatch):
     import platform
 
-    from transformers_red import red_trainer
-    from transformers_red.cpu_memory import keep_freed_cpu_memory
+    from transformers_red.training import trainer as red_trainer
+    from transformers_red.training.cpu_memory import keep_freed_cpu_memory
 
     calls = []
     monkeypatch.setattr(red_trainer, "keep_freed_cpu_memory", lambda: calls.append(1) or True)

@@ -51,7 +51,7 @@ def test_bad_datasets_fail_before_the_teacher_loads(tmp_path, tokenizer, dataset
 
 def test_teacher_that_cannot_be_loaded_offline(tmp_path, tokenizer):
     ds = datasets.Dataset.from_dict({"text": builtin_texts(4)})
-    with pytest.raises(ValueError, match="Cannot load the teacher 'HuggingFaceTB/SmolLM2-135M'"):
+    with pytest.raises(ValueError, match="Cannot load 'HuggingFaceTB/SmolLM2-135M'"):
         RedDistillationTrainer(model="HuggingFaceTB/SmolLM2-135M", args=args(tmp_path), train_dataset=ds,
                                processing_class=tokenizer)
     with pytest.raises(ValueError, match="Give the teacher"):

@@ -3,22 +3,32 @@
 Pipeline: calibrate -> initialise -> distil -> merge -> evaluate -> publish.
 """
 
-from .callbacks import ERankCallback
+from .training.callbacks import ERankCallback
 from .adapter.calibrate import ActivationStats, collect_activation_stats, select_channels
-from .clone import CloneLoss
+from .training.clone import CloneLoss
 from .adapter.architectures import ARCHITECTURES, SUPPORTED_MODEL_TYPES, TARGET_MODULES_MAPPING, Architecture
 from .adapter.config import RedAdapterConfig
-from .erank import effective_rank, layerwise_effective_rank, projection_spectra, spectrum_effective_rank
+from .evaluation.erank import effective_rank, layerwise_effective_rank, projection_spectra, spectrum_effective_rank
 from .hub import HubPushError, build_model_card, push_compressed
 from .adapter.initialise import orthogonal_projection, random_projection, selection_matrix
 from .adapter.layer import RedEmbedding, RedLinear, RedRMSNorm
 from .adapter.merge import student_config
-from .losses import generalized_jsd_loss
+from .training.losses import generalized_jsd_loss
 from .adapter.model import RedModel, get_red_model
-from .red_config import RedConfig
-from .red_trainer import RedDistillationTrainer
+from .training.config import RedConfig
+from .training.trainer import RedDistillationTrainer
 
-__version__ = "0.1.0"
+from .constants import __version__
+
+
+def __getattr__(name: str):
+    # lm-evaluation-harness is optional: import the evaluation entry point only when it is asked for
+    if name == "evaluate_compressed":
+        from .evaluation.lm_eval import evaluate_compressed
+
+        return evaluate_compressed
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ARCHITECTURES",
@@ -41,6 +51,7 @@ __all__ = [
     "TARGET_MODULES_MAPPING",
     "collect_activation_stats",
     "effective_rank",
+    "evaluate_compressed",
     "get_red_model",
     "layerwise_effective_rank",
     "orthogonal_projection",

@@ -1,6 +1,6 @@
 """Step 6 of the pipeline: publish a merged student on the Hugging Face Hub, with a model card (docs/hub.md).
 
-`build_model_card` turns a student folder (config.json, red_config.json, erank.json) into a `ModelCard` whose
+`build_model_card` turns a student folder (config.json, red_summary.json, erank.json) into a `ModelCard` whose
 front matter has a `red:` block; `push_compressed` uploads a staged copy of the folder with that card and
 `red_erank.json`. The user's folder is never written to; the token is never stored or logged.
 """
@@ -20,15 +20,12 @@ from typing import Any
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, is_offline_mode
 from huggingface_hub.utils import validate_repo_id
 
-from .callbacks import ERANK_FILE
-from .adapter.model import WEIGHTS_NAME, RedModel
-from .red_trainer import RED_CONFIG_FILE, RedDistillationTrainer
+from .adapter.model import RedModel
+from .constants import (ADAPTER_WEIGHTS_NAME, CARD_ERANK_NAME, ERANK_NAME, LEGACY_SUMMARY_NAME, PAPER_CITATION,
+                        PAPER_ID, STUDENT_SUMMARY_NAME, TAGS)
 
 logger = logging.getLogger(__name__)
 
-PAPER_ID = "2605.29327"
-RED_ERANK_FILE = "red_erank.json"
-TAGS = ["transformers_red", "red", "distillation", "width-pruning"]
 # Never uploaded: trainer state (training_args.bin pickles TrainingArguments, hub_token included), optimizer
 # state, adapter checkpoints, and the README / eRank file that are generated.
 _SKIPPED = re.compile(r"^(\..*|training_args\.bin|trainer_state\.json|optimizer\.pt|scheduler\.pt|rng_state.*"
@@ -46,6 +43,12 @@ def _read_json(folder: Path, name: str) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def read_summary(folder: str | os.PathLike) -> dict:
+    """The RED summary of a merged student folder (`red_summary.json`, or `red_config.json` before 0.2); {} if none."""
+    folder = Path(folder)
+    return _read_json(folder, STUDENT_SUMMARY_NAME) or _read_json(folder, LEGACY_SUMMARY_NAME) or {}
+
+
 def check_student_folder(folder: str | os.PathLike) -> Path:
     """Raise `ValueError` unless `folder` holds a merged student: config.json with hidden_size and safetensors."""
     folder = Path(folder)
@@ -53,8 +56,8 @@ def check_student_folder(folder: str | os.PathLike) -> Path:
         raise ValueError(f"{folder} is not a folder. Give the folder written by trainer.save_model(...) or "
                          "student.save_pretrained(...), or pass the merged model itself.")
     names = set(os.listdir(folder))
-    if WEIGHTS_NAME in names and "model.safetensors" not in names:
-        raise ValueError(f"{folder} is a RED adapter checkpoint ({WEIGHTS_NAME}), not a merged student. Merge it "
+    if ADAPTER_WEIGHTS_NAME in names and "model.safetensors" not in names:
+        raise ValueError(f"{folder} is a RED adapter checkpoint ({ADAPTER_WEIGHTS_NAME}), not a merged student. Merge it "
                          "first: RedModel.from_pretrained(teacher, folder).merge_and_unload().save_pretrained(out) "
                          "(or trainer.save_model(out)), then push `out`.")
     if not names:
@@ -69,9 +72,9 @@ def check_student_folder(folder: str | os.PathLike) -> Path:
     config = _read_json(folder, "config.json")
     if not config or not config.get("hidden_size"):
         raise ValueError(f"{folder} has no config.json with a hidden_size: save the student with save_pretrained.")
-    summary = _read_json(folder, RED_CONFIG_FILE) or {}
+    summary = read_summary(folder)
     if summary.get("student_hidden_size") not in (None, config["hidden_size"]):
-        raise ValueError(f"{folder}/{RED_CONFIG_FILE} records a student of width {summary['student_hidden_size']} "
+        raise ValueError(f"{folder}/{STUDENT_SUMMARY_NAME} records a student of width {summary['student_hidden_size']} "
                          f"but config.json has hidden_size {config['hidden_size']}: the folder mixes two exports.")
     return folder
 
@@ -120,7 +123,7 @@ def _erank_summary(erank: dict | None, text: str | None) -> dict[str, Any] | Non
     last, r = history[-1], (lambda x: None if x is None else round(float(x), 4))
     return {"step": last.get("step"), "student_mean": r(last.get("mean")), "student_min": r(last.get("min")),
             "student_min_layer": last.get("min_layer"), "teacher_mean": r(last.get("teacher_mean")),
-            "ratio": r(last.get("ratio")), "measured_on": text, "per_layer": RED_ERANK_FILE}
+            "ratio": r(last.get("ratio")), "measured_on": text, "per_layer": CARD_ERANK_NAME}
 
 
 def write_erank_file(erank: dict, folder: str | os.PathLike, erank_text: str | None = None) -> str:
@@ -128,7 +131,7 @@ def write_erank_file(erank: dict, folder: str | os.PathLike, erank_text: str | N
     last = (erank.get("history") or [{}])[-1]
     data = {"measured_on": erank_text, "teacher": erank.get("teacher"), "student": last.get("student"),
             "step": last.get("step"), "history": erank.get("history") or []}
-    path = os.path.join(folder, RED_ERANK_FILE)
+    path = os.path.join(folder, CARD_ERANK_NAME)
     Path(path).write_text(json.dumps(data, indent=1), encoding="utf-8")
     return path
 
@@ -138,16 +141,16 @@ def build_model_card(student_folder_or_model: Any, *, teacher_name_or_path: str 
                      eval_results: list[EvalResult | dict] | None = None, datasets: list[str] | None = None,
                      erank_text: str | None = None, library_version: str | None = None,
                      model_name: str | None = None) -> ModelCard:
-    """The model card of a merged student: a folder (its config.json, red_config.json and erank.json are read)
+    """The model card of a merged student: a folder (its config.json, red_summary.json and erank.json are read)
     or a merged `PreTrainedModel`. Explicit arguments override what the folder records. No network.
     """
-    from . import __version__
+    from .constants import __version__
 
     if isinstance(student_folder_or_model, (str, os.PathLike)):
         folder = Path(student_folder_or_model)
         config = _read_json(folder, "config.json") or {}
-        red_summary = red_summary if red_summary is not None else _read_json(folder, RED_CONFIG_FILE) or {}
-        erank = erank if erank is not None else _read_json(folder, ERANK_FILE)
+        red_summary = red_summary if red_summary is not None else read_summary(folder)
+        erank = erank if erank is not None else _read_json(folder, ERANK_NAME)
         student_params, model_name = count_parameters(config) if config else None, model_name or folder.resolve().name
     else:
         config, student_params = student_folder_or_model.config.to_dict(), student_folder_or_model.num_parameters()
@@ -191,7 +194,7 @@ def _card_body(name: str, red: dict, config: dict) -> str:
     erank = "not measured." if not er else (
         f"student mean {er['student_mean']} (lowest {er['student_min']}, layer {er['student_min_layer']}), teacher "
         f"{er['teacher_mean']}, ratio {er['ratio']} at step {er['step']}"
-        f"{' on ' + er['measured_on'] if er['measured_on'] else ''}; per layer in `{RED_ERANK_FILE}`.")
+        f"{' on ' + er['measured_on'] if er['measured_on'] else ''}; per layer in `{CARD_ERANK_NAME}`.")
     return f"""
 # {name}
 
@@ -221,7 +224,7 @@ transformers-red eval {name} --tasks gsm8k
 ## Citation
 
 ```bibtex
-{RedDistillationTrainer._paper['citation']}
+{PAPER_CITATION}
 ```
 """
 
@@ -273,14 +276,14 @@ def push_compressed(model_or_folder: Any, repo_id: str, api: HfApi | None = None
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder)
             if card_kwargs.get("red_summary") is not None:
-                (folder / RED_CONFIG_FILE).write_text(json.dumps(card_kwargs.pop("red_summary"), indent=2))
+                (folder / STUDENT_SUMMARY_NAME).write_text(json.dumps(card_kwargs.pop("red_summary"), indent=2))
             check_student_folder(folder)
         staging = Path(tmp, "upload")
         staging.mkdir()
         _stage(folder, staging, token or getattr(api, "token", None))
         card = build_model_card(folder, eval_results=eval_results, model_name=repo_id, **card_kwargs)
         card.save(staging / "README.md")
-        erank = card_kwargs.get("erank") or _read_json(folder, ERANK_FILE)
+        erank = card_kwargs.get("erank") or _read_json(folder, ERANK_NAME)
         if erank:
             write_erank_file(erank, staging, (card.data.red["erank"] or {}).get("measured_on"))
         api = api or HfApi(token=token)
@@ -301,40 +304,3 @@ def push_compressed(model_or_folder: Any, repo_id: str, api: HfApi | None = None
                                f"({type(err).__name__}{f', HTTP {status}' if status else ''}): {hint}. Nothing "
                                f"local was changed. Hub client said: {err}") from err
     return info.commit_url
-
-
-def add_push_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `transformers-red push FOLDER REPO_ID` (the token comes from HF_TOKEN or `hf auth login`)."""
-    parser.add_argument("folder", help="Merged student folder (trainer.save_model / student.save_pretrained).")
-    parser.add_argument("repo_id", help="Hub repository, e.g. user/smollm2-red-50.")
-    parser.add_argument("--private", action="store_true", help="Create the repository private.")
-    parser.add_argument("--teacher", default=None, help="Teacher hub id for base_model (default: recorded one).")
-    parser.add_argument("--eval-results", default=None,
-                        help="JSON: a list of {task, metric, value, ...} (`transformers-red eval --eval-results`) "
-                             "or an `eval --output` file, for the card's model-index.")
-    parser.add_argument("--datasets", nargs="*", default=None, help="Training dataset ids for the card.")
-    parser.add_argument("--erank-text", default=None, help="What the eRank was measured on (for the card).")
-    parser.add_argument("--commit-message", default="Upload RED-compressed student")
-    parser.add_argument("--dry-run", action="store_true", help="Check the folder and print the card; no upload.")
-
-
-def run_push(args: argparse.Namespace) -> int:
-    """Run `transformers-red push` from parsed `add_push_arguments` arguments."""
-    results = json.loads(Path(args.eval_results).read_text(encoding="utf-8")) if args.eval_results else None
-    if isinstance(results, dict):  # `transformers-red eval --output` writes {"eval_results": [...], ...}
-        if "eval_results" not in results:
-            raise SystemExit(f"error: {args.eval_results} has no 'eval_results' list (write it with "
-                             "`transformers-red eval ... --eval-results FILE`).")
-        results = results["eval_results"]
-    kwargs = dict(teacher_name_or_path=args.teacher, datasets=args.datasets, erank_text=args.erank_text)
-    try:
-        if args.dry_run:
-            check_student_folder(args.folder)
-            print(build_model_card(args.folder, eval_results=results, model_name=args.repo_id, **kwargs))
-            return 0
-        url = push_compressed(args.folder, args.repo_id, private=args.private, commit_message=args.commit_message,
-                              eval_results=results, **kwargs)
-    except (ValueError, HubPushError) as err:
-        raise SystemExit(f"error: {err}") from err
-    print(f"pushed {args.folder} to {url}")
-    return 0

@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..constants import ADAPTER_CONFIG_NAME
 from .architectures import get_architecture
 
-CONFIG_NAME = "red_adapter_config.json"
 
 # Config keys that do not change the teacher's function or shapes and must not break the fingerprint.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
@@ -167,7 +167,7 @@ class RedAdapterConfig:
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `red_adapter_config.json` into `save_directory` (atomically)."""
         os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, CONFIG_NAME)
+        path = os.path.join(save_directory, ADAPTER_CONFIG_NAME)
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
@@ -176,9 +176,9 @@ class RedAdapterConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "RedAdapterConfig":
-        path = os.path.join(directory, CONFIG_NAME)
+        path = os.path.join(directory, ADAPTER_CONFIG_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"No {CONFIG_NAME} in {directory!s}: is it a folder written by "
+            raise FileNotFoundError(f"No {ADAPTER_CONFIG_NAME} in {directory!s}: is it a folder written by "
                                     "RedModel.save_pretrained?")
         with open(path, encoding="utf-8") as f:
             data = json.load(f)

@@ -8,13 +8,10 @@ explicit `head_dim`; everything else of the config is the teacher's. It saves an
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-
-if TYPE_CHECKING:
-    from .model import RedModel
 
 
 def student_config(teacher_config: Any, hidden_size: int) -> Any:
@@ -28,7 +25,7 @@ def student_config(teacher_config: Any, hidden_size: int) -> Any:
 
 
 @torch.no_grad()
-def merged_state_dict(red_model: "RedModel", progressbar: bool = False) -> dict[str, torch.Tensor]:
+def merged_state_dict(red_model: Any, progressbar: bool = False) -> dict[str, torch.Tensor]:
     """State dict of the plain student: merged wrappers plus the teacher's untouched tensors (copied)."""
     wrapped = dict(red_model.red_layers())
     state: dict[str, torch.Tensor] = {}
@@ -41,7 +38,7 @@ def merged_state_dict(red_model: "RedModel", progressbar: bool = False) -> dict[
     return state
 
 
-def _fold_embedding_scale(state: dict[str, torch.Tensor], red_model: "RedModel") -> None:
+def _fold_embedding_scale(state: dict[str, torch.Tensor], red_model: Any) -> None:
     """Keep the student's embedding scale at the teacher's when the model derives it from hidden_size.
 
     Gemma multiplies its embedding output by sqrt(hidden_size): sqrt(d_T) in the wrapped student (the teacher's
@@ -61,7 +58,7 @@ def _fold_embedding_scale(state: dict[str, torch.Tensor], red_model: "RedModel")
         state[norm] = (state[norm] + offset) / c - offset
 
 
-def build_merged_model(red_model: "RedModel", progressbar: bool = False) -> Any:
+def build_merged_model(red_model: Any, progressbar: bool = False) -> Any:
     """A new `type(teacher)` of width d_S holding the merged weights, on the teacher's device and dtype."""
     teacher = red_model.base_model
     weight = next(teacher.parameters())

@@ -19,12 +19,12 @@ from torch import nn
 from .architectures import find_in_layer, get_architecture, model_layout
 from .calibrate import collect_activation_stats, select_channels
 from .config import RedAdapterConfig, teacher_config_fingerprint
+from ..constants import ADAPTER_WEIGHTS_NAME
 from ..data import check_not_empty
 from .initialise import initial_norm_gain, initial_projection
 from .layer import RedEmbedding, RedLayer, RedLinear, RedRMSNorm, RedState
 from .merge import build_merged_model
 
-WEIGHTS_NAME = "red_adapter_model.safetensors"
 
 
 def _store_key(name: str) -> str:
@@ -214,7 +214,7 @@ class RedModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `red_adapter_config.json` and `red_adapter_model.safetensors` (each atomically)."""
         os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, WEIGHTS_NAME)
+        path = os.path.join(save_directory, ADAPTER_WEIGHTS_NAME)
         state = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
         save_file(state, path + ".tmp", metadata={"format": "pt", "library": "transformers_red"})
         os.replace(path + ".tmp", path)
@@ -224,9 +224,9 @@ class RedModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, is_trainable: bool = True) -> "RedModel":
         """Rebuild a RedModel from its teacher and a folder written by `save_pretrained`."""
         config = RedAdapterConfig.from_pretrained(path)
-        weights = os.path.join(path, WEIGHTS_NAME)
+        weights = os.path.join(path, ADAPTER_WEIGHTS_NAME)
         if not os.path.isfile(weights):
-            raise FileNotFoundError(f"No {WEIGHTS_NAME} in {path!s}.")
+            raise FileNotFoundError(f"No {ADAPTER_WEIGHTS_NAME} in {path!s}.")
         fingerprint = teacher_config_fingerprint(model.config)
         if config.teacher_config_fingerprint not in (None, fingerprint):
             raise ValueError(f"The adapter in {path!s} was made for another teacher ({config.teacher_name_or_path!r}, "

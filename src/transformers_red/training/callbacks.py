@@ -10,10 +10,11 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .erank import layerwise_effective_rank
+
+from ..constants import ERANK_NAME
+from ..evaluation.erank import layerwise_effective_rank
 
 logger = logging.getLogger(__name__)
-ERANK_FILE = "erank.json"
 
 
 class ERankCallback(TrainerCallback):
@@ -69,7 +70,7 @@ class ERankCallback(TrainerCallback):
     def write(self, output_dir: str) -> str:
         """Write `erank.json` (teacher per-layer eRank and the student history) atomically."""
         os.makedirs(output_dir, exist_ok=True)
-        path = os.path.join(output_dir, ERANK_FILE)
+        path = os.path.join(output_dir, ERANK_NAME)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump({"teacher": self.teacher, "history": self.history}, f, indent=1)
         os.replace(path + ".tmp", path)
@@ -97,7 +98,7 @@ class ERankCallback(TrainerCallback):
 
     def load(self, output_dir: str) -> None:
         """Restore the history from a checkpoint folder's `erank.json` (when resuming)."""
-        path = os.path.join(output_dir, ERANK_FILE)
+        path = os.path.join(output_dir, ERANK_NAME)
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)

@@ -10,13 +10,12 @@ documentation paragraphs) or `reasoning-gym:<task>` (e.g. `reasoning-gym:gsm_sym
 
 from __future__ import annotations
 
-import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import datasets
-
-from .red_config import RedConfig
+from ..loading import LoadError, load_model, load_text_dataset
+from ..training.config import RedConfig
 
 
 @dataclass
@@ -30,47 +29,27 @@ class DistillScriptArguments:
     dataset_seed: int = field(default=0, metadata={"help": "Seed of generated datasets."})
 
 
-def load_texts(script: DistillScriptArguments, text_field: str) -> datasets.Dataset:
-    """The training set as a `datasets.Dataset` with a `text_field` column; raises on unusable input."""
-    if (script.dataset_path is None) == (script.dataset_name is None):
-        raise SystemExit("error: give exactly one of --dataset_path FILE and --dataset_name NAME.")
-    if script.dataset_path is not None:
-        path = script.dataset_path
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: --dataset_path {path} does not exist.")
-        if path.endswith((".jsonl", ".json")):
-            dataset = datasets.load_dataset("json", data_files=path, split="train")
-        else:
-            with open(path, encoding="utf-8") as f:
-                paragraphs = [p.strip() for p in f.read().split("\n\n") if p.strip()]
-            dataset = datasets.Dataset.from_dict({text_field: paragraphs})
-        return dataset.select(range(min(len(dataset), script.num_train_samples)))
-    from .resources import builtin_texts, reasoning_texts
-
-    name = script.dataset_name
-    if name == "builtin":
-        texts = builtin_texts(script.num_train_samples)
-    elif name.startswith("reasoning-gym:"):
-        texts = reasoning_texts(script.num_train_samples, seed=script.dataset_seed, task=name.split(":", 1)[1])
-    else:
-        raise SystemExit(f"error: unknown --dataset_name {name!r}; use 'builtin' or 'reasoning-gym:<task>', or "
-                         "--dataset_path for a local file.")
-    return datasets.Dataset.from_dict({text_field: texts})
+HELP = "Distil a student (every RedConfig field is a flag; --config file.yaml)."
 
 
-def run_distill(argv: list[str] | None = None) -> Any:
+def run_distill(argv: Sequence[str] | None = None) -> Any:
     """Parse flags (and `--config file.yaml`), train, and write the merged student to `--output_dir`."""
     from trl import TrlParser
 
-    from .cli import load_teacher
-    from .red_trainer import RedDistillationTrainer
+    from ..training.trainer import RedDistillationTrainer
 
     parser = TrlParser((DistillScriptArguments, RedConfig), prog="transformers-red distill")
     script, config = parser.parse_args_and_config(args=argv)
     if config.teacher_model_name_or_path is None:
         raise SystemExit("error: --teacher_model_name_or_path is required (a local folder, or 'smollm2').")
-    train_dataset = load_texts(script, config.dataset_text_field)
-    teacher, tokenizer = load_teacher(config.teacher_model_name_or_path, init_kwargs=config.teacher_model_init_kwargs)
+    try:
+        train_dataset = load_text_dataset(script.dataset_path, script.dataset_name,
+                                          num_samples=script.num_train_samples, seed=script.dataset_seed,
+                                          text_field=config.dataset_text_field)
+        teacher, tokenizer = load_model(config.teacher_model_name_or_path,
+                                        init_kwargs=config.teacher_model_init_kwargs)
+    except LoadError as err:
+        raise SystemExit(f"error: {err}") from err
     trainer = RedDistillationTrainer(model=teacher, args=config, train_dataset=train_dataset,
                                      processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
@@ -80,3 +59,8 @@ def run_distill(argv: list[str] | None = None) -> Any:
     print(f"Saved a plain {architecture} student of width {summary['student_hidden_size']} "
           f"(teacher {summary['teacher_hidden_size']}, train={config.train}) to {config.output_dir}")
     return trainer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run_distill(argv)
+    return 0

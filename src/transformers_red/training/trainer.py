@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import tempfile
-import textwrap
 from typing import Any
 
 import torch
@@ -25,31 +24,20 @@ from trl import SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import disable_dropout_in_model
 
-from .adapter.calibrate import materialise_batches
+from ..adapter.calibrate import materialise_batches
 from .callbacks import ERankCallback
-from .adapter.architectures import RESIDUAL_TERMS
+from ..adapter.architectures import RESIDUAL_TERMS
 from .clone import CloneLoss, capture_outputs, clone_sites
-from .adapter.config import CONFIG_NAME
+from ..constants import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PAPER_CITATION, PAPER_ID, PAPER_TITLE,
+                         STUDENT_SUMMARY_NAME, STUDENT_WEIGHTS_NAME, TAGS)
 from .cpu_memory import keep_freed_cpu_memory
-from .data import position_ids_from_mask
+from ..data import position_ids_from_mask
+from ..loading import load_model
 from .losses import IGNORE_INDEX, LogitLossWorkspace, fused_logit_loss, generalized_jsd_loss, shift_labels
-from .adapter.model import WEIGHTS_NAME, RedModel, get_red_model
-from .red_config import RedConfig
+from ..adapter.model import RedModel, get_red_model
+from .config import RedConfig
 
-RED_CONFIG_FILE = "red_config.json"
-PLAIN_WEIGHTS_NAME = "model.safetensors"  # checkpoints of train="weights" (a plain model, saved by Trainer)
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def load_teacher(name_or_path: str, init_kwargs: dict[str, Any] | None = None) -> Any:
-    """Load a teacher with safetensors weights only and no remote code, with a clear error offline."""
-    kwargs = {"use_safetensors": True, "trust_remote_code": False, **(init_kwargs or {})}
-    try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"Cannot load the teacher {name_or_path!r}: {err}\nGive a local folder with a config and "
-                         "safetensors weights (this machine may be offline: HF_HUB_OFFLINE), or pass the loaded "
-                         "model.") from err
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
@@ -58,7 +46,7 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
         return None
     steps = sorted((int(m.group(1)), name) for name in os.listdir(output_dir)
                    if (m := _CHECKPOINT_RE.match(name)) and any(
-                       os.path.isfile(os.path.join(output_dir, name, w)) for w in (WEIGHTS_NAME, PLAIN_WEIGHTS_NAME)))
+                       os.path.isfile(os.path.join(output_dir, name, w)) for w in (ADAPTER_WEIGHTS_NAME, STUDENT_WEIGHTS_NAME)))
     return os.path.join(output_dir, steps[-1][1]) if steps else None
 
 
@@ -83,17 +71,9 @@ class RedDistillationTrainer(SFTTrainer):
             else the built-in Python documentation texts.
     """
 
-    _tag_names = ["trl", "transformers_red", "red", "distillation", "width-pruning"]
+    _tag_names = ["trl", *TAGS]
     _name = "RED"
-    _paper = {
-        "title": "RED (arXiv:2605.29327)",
-        "id": "2605.29327",
-        "citation": textwrap.dedent("""\
-            @misc{red2605.29327,
-                howpublished = {arXiv:2605.29327},
-                note         = {RED: activation-aware channel-selection initialisation for width-reducing distillation}
-            }"""),
-    }
+    _paper = {"title": PAPER_TITLE, "id": PAPER_ID, "citation": PAPER_CITATION}
     loss_is_scaled_for_ga = True
     generalized_jsd_loss = staticmethod(generalized_jsd_loss)
 
@@ -110,14 +90,14 @@ class RedDistillationTrainer(SFTTrainer):
             raise ValueError("Give the teacher: RedDistillationTrainer(model=teacher_or_path, ...) or "
                              "RedConfig(teacher_model_name_or_path=...).")
         if name is not None:
-            model = load_teacher(name, args.teacher_model_init_kwargs)
+            model = load_model(name, tokenizer=False, init_kwargs=args.teacher_model_init_kwargs)[0]
         if processing_class is None:
             source = name or getattr(model, "name_or_path", None)
             if not source:
                 raise ValueError("Pass processing_class (the teacher's tokenizer).")
             processing_class = AutoTokenizer.from_pretrained(source)
         if isinstance(teacher_model, str):
-            teacher_model = load_teacher(teacher_model, args.teacher_model_init_kwargs)
+            teacher_model = load_model(teacher_model, tokenizer=False, init_kwargs=args.teacher_model_init_kwargs)[0]
         calibration, calibration_source = self._calibration_texts(args, train_dataset, calibration_dataset,
                                                                   processing_class)
         if not isinstance(model, RedModel):
@@ -232,7 +212,7 @@ class RedDistillationTrainer(SFTTrainer):
             if isinstance(dataset, list):
                 return dataset[: args.erank_num_samples]
             return self._texts(dataset, args, args.erank_num_samples, tokenizer)
-        from .resources import builtin_texts
+        from ..resources import builtin_texts
 
         self._erank_source = "Python documentation paragraphs, transformers_red.resources.builtin_texts"
         return builtin_texts()[-args.erank_num_samples:]
@@ -379,7 +359,7 @@ class RedDistillationTrainer(SFTTrainer):
 
     def export_student(self, output_dir: str) -> Any:
         """Merge and write a plain student (safetensors, config, generation config, tokenizer) plus
-        `red_config.json` and `erank.json`. Files are written to a staging folder first and moved in last."""
+        `red_summary.json` and `erank.json`. Files are written to a staging folder first and moved in last."""
         os.makedirs(output_dir, exist_ok=True)
         staging = os.path.join(output_dir, ".staging-student")
         shutil.rmtree(staging, ignore_errors=True)
@@ -387,7 +367,7 @@ class RedDistillationTrainer(SFTTrainer):
         student.save_pretrained(staging)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(staging)
-        with open(os.path.join(staging, RED_CONFIG_FILE), "w", encoding="utf-8") as f:
+        with open(os.path.join(staging, STUDENT_SUMMARY_NAME), "w", encoding="utf-8") as f:
             json.dump(self.red_summary(), f, indent=2)
         if self._erank_callback is not None and self._erank_callback.teacher is not None:
             self._erank_callback.write(staging)
@@ -398,7 +378,7 @@ class RedDistillationTrainer(SFTTrainer):
         return student
 
     def red_summary(self) -> dict[str, Any]:
-        """What the saved student's `red_config.json` records: adapter, loss and training amount."""
+        """What the saved student's `red_summary.json` records: adapter, loss and training amount."""
         config, args = self._adapter_config, self.args
         keys = ("train", "temperature", "beta", "ce_weight", "kd_weight", "clone_weight", "clone_terms",
                 "clone_output_space", "clone_normalization", "learning_rate", "max_length", "seed")
@@ -419,7 +399,7 @@ class RedDistillationTrainer(SFTTrainer):
         Trainer's own push_to_hub would upload `output_dir`, which holds adapter checkpoints. `kwargs` go to
         `transformers_red.hub.push_compressed` (eval_results, datasets, erank_text, teacher_name_or_path).
         """
-        from .hub import push_compressed
+        from ..hub import push_compressed
 
         if revision is not None or not blocking:
             raise ValueError("RedDistillationTrainer.push_to_hub uploads the merged student to the main branch and "
@@ -447,11 +427,11 @@ class RedDistillationTrainer(SFTTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         """Restore the adapter state, or with train="weights" the student's weights (optimizer, scheduler and RNG
         are restored by Trainer)."""
-        weights = os.path.join(resume_from_checkpoint, PLAIN_WEIGHTS_NAME if self._trains_weights else WEIGHTS_NAME)
-        if not os.path.isfile(weights) or not os.path.isfile(os.path.join(resume_from_checkpoint, CONFIG_NAME)):
+        weights = os.path.join(resume_from_checkpoint, STUDENT_WEIGHTS_NAME if self._trains_weights else ADAPTER_WEIGHTS_NAME)
+        if not os.path.isfile(weights) or not os.path.isfile(os.path.join(resume_from_checkpoint, ADAPTER_CONFIG_NAME)):
             raise ValueError(f"{resume_from_checkpoint} is not a complete RED checkpoint of train="
-                             f"{self.args.train!r} (no {os.path.basename(weights)} or {CONFIG_NAME}).")
-        with open(os.path.join(resume_from_checkpoint, CONFIG_NAME), encoding="utf-8") as f:
+                             f"{self.args.train!r} (no {os.path.basename(weights)} or {ADAPTER_CONFIG_NAME}).")
+        with open(os.path.join(resume_from_checkpoint, ADAPTER_CONFIG_NAME), encoding="utf-8") as f:
             saved_channels = json.load(f).get("channel_indices")
         if saved_channels != self._adapter_config.channel_indices:
             raise ValueError(f"{resume_from_checkpoint} was trained with other selected channels than this "

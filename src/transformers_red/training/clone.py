@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .adapter.architectures import RESIDUAL_TERMS, Architecture, ModelLayout, find_in_layer
+from ..adapter.architectures import RESIDUAL_TERMS, Architecture, ModelLayout, find_in_layer
 from .losses import masked_mse_sum
 
 CLONE_NORMALIZATIONS = ("teacher_mean_square", "none")

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .adapter.calibrate import materialise_batches, plain_model, record_hidden_states
-from .data import position_ids_from_mask
+from ..adapter.calibrate import materialise_batches, plain_model, record_hidden_states
+from ..data import position_ids_from_mask
 
 
 def spectrum_effective_rank(values: torch.Tensor, squared: bool = True) -> float:

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from .adapter.calibrate import collect_activation_stats, select_channels
-from .adapter.config import RedAdapterConfig
+from ..adapter.calibrate import collect_activation_stats, select_channels
+from ..adapter.config import RedAdapterConfig
 from .erank import layerwise_effective_rank, projection_spectra
-from .evaluate import perplexity
-from .adapter.model import get_red_model
+from .perplexity import perplexity
+from ..adapter.model import get_red_model
 
 
 def _shape(config: Any) -> dict[str, Any]:

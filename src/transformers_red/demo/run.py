@@ -8,7 +8,6 @@ held-out problems per hop count and on per-layer eRank. Prints a table; writes `
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -20,10 +19,11 @@ from typing import Any
 import datasets
 import torch
 
-from .erank import layerwise_effective_rank, projection_spectra
-from .red_config import RedConfig
-from .red_trainer import RedDistillationTrainer
-from .tasks import (HOPS, completion_columns, evaluate_model, generate_mixed_problems, generate_problems,
+from ..loading import load_text_dataset
+from ..evaluation.erank import layerwise_effective_rank, projection_spectra
+from ..training.config import RedConfig
+from ..training.trainer import RedDistillationTrainer
+from .chain_task import (HOPS, completion_columns, evaluate_model, generate_mixed_problems, generate_problems,
                     load_reasoning_teacher)
 
 
@@ -117,9 +117,7 @@ def run_demo(*, teacher_dir: str | None = None, data: str | None = None, output_
                                           "hidden_size": teacher.config.hidden_size}, "students": []}
     user_texts = None
     if data is not None:  # the user's own texts: train on them, measure eRank on the last 64
-        from .distill import DistillScriptArguments, load_texts
-
-        user_texts = load_texts(DistillScriptArguments(dataset_path=data, num_train_samples=train_samples), "text")["text"]
+        user_texts = load_text_dataset(data, num_samples=train_samples)["text"]
         erank_texts = user_texts[-64:]
         report["settings"]["data"] = data
     for seed in seeds:
@@ -158,34 +156,3 @@ def format_demo(report: dict[str, Any]) -> str:
     if "output_dir" in report:
         lines.append(f"results.json and plots in {report['output_dir']}")
     return "\n".join(lines)
-
-
-def cli_demo(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="transformers-red demo", description=__doc__)
-    parser.add_argument("--teacher", default=None, help="Teacher folder (default: the embedded one).")
-    parser.add_argument("--data", default=None, help="Train on this .txt/.jsonl file instead of generated problems.")
-    parser.add_argument("--output-dir", default=None, help="Where results.json and plots go.")
-    parser.add_argument("--width-ratio", type=float, default=0.5)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--variants", nargs="+", default=["red", "lrc40", "lrc1"], choices=list(VARIANTS))
-    parser.add_argument("--eval-per-hop", type=int, default=50)
-    parser.add_argument("--train-samples", type=int, default=4000)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--step0", action="store_true", help="Also evaluate every student before training.")
-    parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: the embedded teacher is too small to gain from more, and one "
-                             "thread is steadier on a shared machine; 0 keeps torch's default).")
-    args = parser.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    report = run_demo(teacher_dir=args.teacher, data=args.data, output_dir=args.output_dir, width_ratio=args.width_ratio,
-                      steps=args.steps, seeds=tuple(args.seeds), variants=tuple(args.variants),
-                      eval_per_hop=args.eval_per_hop, train_samples=args.train_samples, batch_size=args.batch_size,
-                      learning_rate=args.learning_rate, step0=args.step0, plots=not args.no_plots,
-                      show_progress=not args.quiet)
-    print(format_demo(report))
-    return 0

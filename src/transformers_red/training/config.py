@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from trl import SFTConfig
 
-from .adapter.architectures import CLONE_TERMS
+from ..adapter.architectures import CLONE_TERMS
 from .clone import CLONE_NORMALIZATIONS
-from .adapter.config import RedAdapterConfig
+from ..adapter.config import RedAdapterConfig
 
 TRAIN_TARGETS = ("projections", "weights")
 

@@ -337,8 +337,8 @@ def evaluate_model(model, tokenizer, problems: Iterable[Problem], batch_size: in
 
 # --------------------------------------------------------------------------- embedded teacher
 def reasoning_teacher_dir() -> Path:
-    """The folder of the packaged teacher checkpoint (``transformers_red/data/reasoning_teacher``)."""
-    return Path(__file__).resolve().parent / "data" / "reasoning_teacher"
+    """The folder of the packaged teacher checkpoint (``transformers_red/demo/reasoning_teacher``)."""
+    return Path(__file__).resolve().parent / "reasoning_teacher"
 
 
 def load_reasoning_teacher(folder: str | Path | None = None, device: str | torch.device = "cpu",

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .adapter.calibrate import materialise_batches
-from .data import position_ids_from_mask
+from ..adapter.calibrate import materialise_batches
+from ..data import position_ids_from_mask
 
 
 @torch.no_grad()

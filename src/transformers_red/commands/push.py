@@ -1,0 +1,53 @@
+"""`transformers-red push`: upload a merged student with a RED model card to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+from collections.abc import Sequence
+
+from ..hub import HubPushError, build_model_card, check_student_folder, push_compressed
+from .flags import normalise_flags
+
+HELP = "Upload a merged student with a RED model card to the Hugging Face Hub."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of `transformers-red push FOLDER REPO_ID` (the token comes from HF_TOKEN or `hf auth login`)."""
+    parser = argparse.ArgumentParser(prog="transformers-red push", description=HELP)
+    parser.add_argument("folder", help="Merged student folder (trainer.save_model / student.save_pretrained).")
+    parser.add_argument("repo_id", help="Hub repository, e.g. user/smollm2-red-50.")
+    parser.add_argument("--private", action="store_true", help="Create the repository private.")
+    parser.add_argument("--teacher", default=None, help="Teacher hub id for base_model (default: recorded one).")
+    parser.add_argument("--eval_results", default=None,
+                        help="JSON: a list of {task, metric, value, ...} (`transformers-red eval --eval-results`) "
+                             "or an `eval --output` file, for the card's model-index.")
+    parser.add_argument("--datasets", nargs="*", default=None, help="Training dataset ids for the card.")
+    parser.add_argument("--erank_text", default=None, help="What the eRank was measured on (for the card).")
+    parser.add_argument("--commit_message", default="Upload RED-compressed student")
+    parser.add_argument("--dry_run", action="store_true", help="Check the folder and print the card; no upload.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Check a merged student folder and upload it with its RED model card."""
+    args = build_parser().parse_args(normalise_flags(argv))
+    results = json.loads(pathlib.Path(args.eval_results).read_text(encoding="utf-8")) if args.eval_results else None
+    if isinstance(results, dict):  # `transformers-red eval --output` writes {"eval_results": [...], ...}
+        if "eval_results" not in results:
+            raise SystemExit(f"error: {args.eval_results} has no 'eval_results' list (write it with "
+                             "`transformers-red eval ... --eval-results FILE`).")
+        results = results["eval_results"]
+    kwargs = dict(teacher_name_or_path=args.teacher, datasets=args.datasets, erank_text=args.erank_text)
+    try:
+        if args.dry_run:
+            check_student_folder(args.folder)
+            print(build_model_card(args.folder, eval_results=results, model_name=args.repo_id, **kwargs))
+            return 0
+        url = push_compressed(args.folder, args.repo_id, private=args.private, commit_message=args.commit_message,
+                              eval_results=results, **kwargs)
+    except (ValueError, HubPushError) as err:
+        raise SystemExit(f"error: {err}") from err
+    print(f"pushed {args.folder} to {url}")
+    return 0

