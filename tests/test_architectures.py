@@ -92,3 +92,35 @@ def test_target_modules_that_differ_from_the_registry_are_refused():
     red = get_red_model(make_teacher("llama", False, {}),
                         RedAdapterConfig(width_ratio=0.5, init="random", norm_init="ones", target_modules=same))
     assert red.red_config.target_modules == get_architecture("llama").target_modules()
+
+
+def test_merge_checks_itself_against_the_wrapped_student(monkeypatch, texts, tokenizer):
+    """A wrong merge hook (here: Gemma's embedding scale not folded) raises instead of returning a wrong model."""
+    from transformers_red.adapter import merge
+
+    red = get_red_model(make_teacher("gemma2", True, {}), RedAdapterConfig(width_ratio=0.5), texts, tokenizer,
+                        show_progress_bar=False)
+    red.merge_and_unload()  # the real hook: passes its own check
+    monkeypatch.setattr(merge, "_fold_embedding_scale", lambda state, red_model: None)
+    with pytest.raises(RuntimeError, match="differs from the wrapped student"):
+        red.merge_and_unload()
+
+
+def test_channel_indices_must_fit_the_width(texts, tokenizer):
+    teacher = make_teacher("llama", False, {})
+    for channels, match in (([0, 1, 2], "must be 32 distinct channels.*got 3 values"),
+                            (list(range(31)) + [0], "with repeats"), (list(range(1, 33)) + [], None)):
+        config = RedAdapterConfig(width_ratio=0.5, channel_indices=channels)
+        if match is None:
+            channels[-1] = 64
+            config = RedAdapterConfig(width_ratio=0.5, channel_indices=channels)
+            match = r"in \[1, 64\]"
+        with pytest.raises(ValueError, match=match):
+            get_red_model(teacher, config)
+
+
+def test_wrapping_the_same_teacher_twice_says_what_happened(texts, tokenizer):
+    teacher = make_teacher("llama", False, {})
+    get_red_model(teacher, RedAdapterConfig(width_ratio=0.5), texts, tokenizer, show_progress_bar=False)
+    with pytest.raises(ValueError, match="already wrapped by a RedModel.*in place"):
+        get_red_model(teacher, RedAdapterConfig(width_ratio=0.25), texts, tokenizer, show_progress_bar=False)

@@ -25,8 +25,18 @@ def test_inspect_default_prints_and_writes_json(tmp_path, capsys):
 
 
 def test_inspect_rejects_bad_width(capsys):
-    with pytest.raises(SystemExit, match="between 0 and 1"):
+    with pytest.raises(SystemExit) as stop:
         main(["inspect", "--width-ratio", "2"])
+    assert stop.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_cli_errors_exit_2_with_one_line_and_debug_shows_the_traceback(capsys, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        main(["inspect", "--eval_texts", "0"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: ") and "eval_texts" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="eval_texts"):
+        main(["inspect", "--eval_texts", "0", "--debug"])
 
 
 @pytest.fixture
@@ -59,6 +69,22 @@ def test_distill_from_yaml_and_flags(tmp_path, teacher_dir, train, capsys):
     assert os.path.isfile(out / "tokenizer.json")
 
 
-def test_distill_needs_a_dataset(tmp_path, teacher_dir):
-    with pytest.raises(SystemExit, match="exactly one of --dataset_path"):
+def test_distill_needs_a_dataset(tmp_path, teacher_dir, capsys):
+    with pytest.raises(SystemExit) as stop:
         main(["distill", "--teacher_model_name_or_path", str(teacher_dir), "--output_dir", str(tmp_path / "o")])
+    assert stop.value.code == 2 and "exactly one of --dataset_path" in capsys.readouterr().err
+
+
+def test_distill_resumes_with_true_and_takes_comma_separated_clone_terms(tmp_path, teacher_dir, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in builtin_texts(24)))
+    out = tmp_path / "run"
+    common = ["distill", "--teacher_model_name_or_path", str(teacher_dir), "--dataset_path", str(data),
+              "--output_dir", str(out), "--per_device_train_batch_size", "2", "--max_length", "32",
+              "--report_to", "none", "--use_cpu", "true", "--calibration_num_samples", "4", "--save_steps", "1",
+              "--clone_terms", "q,k", "--disable_tqdm", "true"]
+    main([*common, "--max_steps", "2"])
+    main([*common, "--max_steps", "3", "--resume_from_checkpoint", "true"])
+    summary = json.loads((out / "red_summary.json").read_text())
+    assert summary["global_step"] == 3 and summary["distillation"]["clone_terms"] == ["q", "k"]
+    assert os.path.isdir(out / "checkpoint-3")

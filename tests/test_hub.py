@@ -283,7 +283,8 @@ def test_push_in_memory_models(hub, tokenizer, input_ids):
             torch.testing.assert_close(student(input_ids).logits, red(input_ids).logits, rtol=0, atol=1e-5)
         assert "tokenizer.json" in hub.files(repo)
     assert red_block(ModelCard.load("user/from-red"))["teacher_hidden_size"] == 64
-    assert red_block(ModelCard.load("user/merged"))["teacher_hidden_size"] is None  # nothing recorded it
+    assert red_block(ModelCard.load("user/merged"))["teacher_hidden_size"] == 64  # merge_and_unload records it
+    assert red_block(ModelCard.load("user/merged"))["init"] == "activation"
 
 
 def test_bad_input_fails_before_any_request(hub, tmp_path, tokenizer):
@@ -366,3 +367,70 @@ def test_fake_hub_speaks_the_client_protocol(hub):
     with pytest.raises(RepositoryNotFoundError):
         api.model_info("user/none")
     assert hub.unknown == []
+
+
+# ----------------------------------------------------------------------- what a push uploads (issue: probe §1, §10)
+def leaky_folder(student_folder, tmp_path):
+    folder = tmp_path / "leaky"
+    shutil.copytree(student_folder, folder)
+    for name in ("train_config.yaml", "notes.txt", "run.py"):  # not student files: stay local
+        (folder / name).write_text(f"hub_token: {TOKEN}\n")
+    return folder
+
+
+def no_token_uploaded(hub, repo):
+    files = hub.files(repo)
+    assert files and not [n for n, content in files.items() if TOKEN.encode() in content]
+    return files
+
+
+@pytest.mark.parametrize("source", ["cli_env", "cli_stored_login", "api_token"])
+def test_push_uploads_student_files_only_and_never_the_token(hub, student_folder, tmp_path, monkeypatch, source):
+    folder = leaky_folder(student_folder, tmp_path)
+    if source == "cli_env":
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+    elif source == "cli_stored_login":
+        (hub.home / "token").parent.mkdir(parents=True, exist_ok=True)
+        (hub.home / "token").write_text(TOKEN)  # what `hf auth login` stores
+    if source == "api_token":
+        push_compressed(folder, REPO, api=HfApi(endpoint=hub.endpoint), token=TOKEN)
+    else:
+        assert push_command.main([str(folder), REPO]) == 0
+    files = no_token_uploaded(hub, REPO)
+    assert not {"train_config.yaml", "notes.txt", "run.py"} & set(files)
+    assert {"config.json", "model.safetensors", "red_summary.json", "README.md"} <= set(files)
+    # a student file holding the token is refused, whichever way the token reaches the client
+    (folder / "generation_config.json").write_text(json.dumps({"note": TOKEN}))
+    with pytest.raises((ValueError, SystemExit), match="generation_config.json contains the Hub token"):
+        if source == "api_token":
+            push_compressed(folder, "user/other", api=HfApi(endpoint=hub.endpoint), token=TOKEN)
+        else:
+            push_command.main([str(folder), "user/other"])
+    assert "user/other" not in hub.repos
+
+
+def test_push_refuses_a_symlink_out_of_the_folder(hub, student_folder, tmp_path):
+    outside = tmp_path / "secret.json"
+    outside.write_text(json.dumps({"private": "data"}))
+    folder = tmp_path / "linked"
+    shutil.copytree(student_folder, folder)
+    (folder / "special_tokens_map.json").symlink_to(outside)
+    with pytest.raises(ValueError, match="symbolic link .* outside the folder"):
+        push_compressed(folder, REPO, api=api_for(hub))
+    assert REPO not in hub.repos
+    (folder / "special_tokens_map.json").unlink()
+    (folder / "special_tokens_map.json").symlink_to(folder / "tokenizer_config.json")  # inside: staged as the file
+    push_compressed(folder, REPO, api=api_for(hub))
+    assert hub.files(REPO)["special_tokens_map.json"] == (folder / "tokenizer_config.json").read_bytes()
+
+
+def test_push_refuses_a_plain_model_folder_unless_allowed(hub, tmp_path):
+    teacher = tmp_path / "teacher"
+    tiny_teacher("llama").save_pretrained(teacher)
+    with pytest.raises(ValueError, match="no red_summary.json: it is a plain model"):
+        push_compressed(teacher, REPO, api=api_for(hub))
+    with pytest.raises(SystemExit, match="no red_summary.json"):
+        push_command.main([str(teacher), REPO, "--dry_run"])
+    assert REPO not in hub.repos
+    push_compressed(teacher, REPO, api=api_for(hub), allow_plain_model=True)
+    assert red_block(ModelCard.load(REPO))["recorded"] is False

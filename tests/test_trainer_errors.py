@@ -16,10 +16,17 @@ def args(tmp_path, **kwargs):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"temperature": 0.0}, "temperature must be > 0"),
-    ({"temperature": -1.0}, "temperature must be > 0"),
+    ({"temperature": 0.0}, "temperature must be a finite number > 0"),
+    ({"temperature": -1.0}, "temperature must be a finite number > 0"),
+    ({"temperature": float("inf")}, "temperature must be a finite number > 0"),
     ({"beta": 1.5}, "beta must be in"),
-    ({"kd_weight": -0.1}, "kd_weight must be >= 0"),
+    ({"kd_weight": -0.1}, "kd_weight must be a finite number >= 0"),
+    ({"kd_weight": float("inf")}, "kd_weight must be a finite number >= 0"),
+    ({"ce_weight": float("nan")}, "ce_weight must be a finite number >= 0"),
+    ({"max_length": 0}, "max_length must be a positive number"),
+    ({"red_adapter_config": "not json"}, "red_adapter_config must be a dict"),
+    ({"red_adapter_config": {"width_ratio": 0.5, "init": "random", "init_std": float("nan")}},
+     "init_std must be a finite number"),
     ({"ce_weight": 0.0, "kd_weight": 0.0, "clone_weight": 0.0}, "every loss weight is zero"),
     ({"clone_terms": ["q", "z"]}, "unknown clone_terms"),
     ({"clone_output_space": "middle"}, "clone_output_space"),

@@ -76,3 +76,14 @@ def hard_pruned_teacher(teacher, channels):
     missing, unexpected = pruned.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     return pruned
+
+
+def make_red_trainer(output_dir, dataset, tokenizer, teacher, **kwargs):
+    """A RedDistillationTrainer with small, fast CPU settings (`kwargs` override them)."""
+    from transformers_red import RedConfig, RedDistillationTrainer
+
+    defaults = dict(output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=4, max_length=48,
+                    logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, learning_rate=1e-2,
+                    calibration_num_samples=8, disable_tqdm=True)
+    return RedDistillationTrainer(model=teacher, args=RedConfig(**{**defaults, **kwargs}), train_dataset=dataset,
+                                  processing_class=tokenizer)

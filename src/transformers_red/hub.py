@@ -7,7 +7,6 @@ front matter has a `red:` block; `push_compressed` uploads a staged copy of the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -17,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, is_offline_mode
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token, is_offline_mode
 from huggingface_hub.utils import validate_repo_id
 
 from .adapter.model import RedModel
@@ -28,8 +27,13 @@ logger = logging.getLogger(__name__)
 
 # Never uploaded: trainer state (training_args.bin pickles TrainingArguments, hub_token included), optimizer
 # state, adapter checkpoints, and the README / eRank file that are generated.
-_SKIPPED = re.compile(r"^(\..*|training_args\.bin|trainer_state\.json|optimizer\.pt|scheduler\.pt|rng_state.*"
-                      r"|red_adapter_.*|README\.md|red_erank\.json|.*\.(bin|pt|pth|pkl|ckpt|gguf))$")
+# What a student folder may publish (an allow-list: anything else in the folder stays local). README.md and
+# red_erank.json are written by the push itself.
+_PUBLISHED = re.compile(r"^(config\.json|generation_config\.json|model\.safetensors|model-\d+-of-\d+\.safetensors"
+                        r"|model\.safetensors\.index\.json|tokenizer\.json|tokenizer_config\.json"
+                        r"|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|tokenizer\.model"
+                        r"|spiece\.model|chat_template\.(jinja|json)|red_summary\.json|red_config\.json|erank\.json)$")
+_SCAN_CHUNK = 1 << 24
 _STALE_WEIGHTS = ["model*.safetensors", "model.safetensors.index.json"]  # remote weights the upload replaces
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -49,8 +53,9 @@ def read_summary(folder: str | os.PathLike) -> dict:
     return _read_json(folder, STUDENT_SUMMARY_NAME) or _read_json(folder, LEGACY_SUMMARY_NAME) or {}
 
 
-def check_student_folder(folder: str | os.PathLike) -> Path:
-    """Raise `ValueError` unless `folder` holds a merged student: config.json with hidden_size and safetensors."""
+def check_student_folder(folder: str | os.PathLike, allow_plain_model: bool = False) -> Path:
+    """Raise `ValueError` unless `folder` holds a merged student: config.json with hidden_size, safetensors, and the
+    RED summary (`red_summary.json`) that an export writes; `allow_plain_model=True` accepts a folder without it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder. Give the folder written by trainer.save_model(...) or "
@@ -76,6 +81,11 @@ def check_student_folder(folder: str | os.PathLike) -> Path:
     if summary.get("student_hidden_size") not in (None, config["hidden_size"]):
         raise ValueError(f"{folder}/{STUDENT_SUMMARY_NAME} records a student of width {summary['student_hidden_size']} "
                          f"but config.json has hidden_size {config['hidden_size']}: the folder mixes two exports.")
+    if not summary and not allow_plain_model:
+        raise ValueError(f"{folder} has no {STUDENT_SUMMARY_NAME}: it is a plain model (a teacher?), not a student "
+                         "exported by trainer.save_model(). Push the export folder, or pass allow_plain_model=True "
+                         "(--allow_plain_model) to publish it anyway; the card then says that nothing recorded how "
+                         "it was made.")
     return folder
 
 
@@ -154,6 +164,8 @@ def build_model_card(student_folder_or_model: Any, *, teacher_name_or_path: str 
         student_params, model_name = count_parameters(config) if config else None, model_name or folder.resolve().name
     else:
         config, student_params = student_folder_or_model.config.to_dict(), student_folder_or_model.num_parameters()
+        if red_summary is None:  # recorded on the model by merge_and_unload()
+            red_summary = getattr(student_folder_or_model, "red_summary", None)
     red_summary = red_summary or {}
     adapter, loss = red_summary.get("adapter") or {}, red_summary.get("distillation") or {}
     teacher = teacher_name_or_path or adapter.get("teacher_name_or_path")
@@ -175,6 +187,8 @@ def build_model_card(student_folder_or_model: Any, *, teacher_name_or_path: str 
            "global_step": red_summary.get("global_step"), "tokens_trained": red_summary.get("tokens_trained"),
            "erank": _erank_summary(erank, erank_text or red_summary.get("erank_source")),
            "library": "transformers_red", "library_version": library_version or __version__}
+    if not red_summary:
+        red["recorded"] = False  # pushed with allow_plain_model: no RED summary says how this model was made
     hub_teacher = teacher if teacher and _HUB_ID.match(teacher) and not re.search(r"\.\.|--", teacher) \
         and not os.path.exists(teacher) else None  # a local path is no base_model
     data = ModelCardData(base_model=hub_teacher, library_name="transformers", pipeline_tag="text-generation",
@@ -229,63 +243,105 @@ transformers-red eval {name} --tasks gsm8k
 """
 
 
-def _stage(folder: Path, staging: Path, token: Any) -> None:
-    """Hard-link (or copy) the student's top-level files into `staging`, skipping what must not be published."""
+def _push_token(token: str | None, api: HfApi | None) -> str | None:
+    """The token the upload will use: the argument, else the client's, else HF_TOKEN or the stored login."""
+    return token or getattr(api, "token", None) or get_token()
+
+
+def _contains(path: Path, secret: bytes) -> bool:
+    """Whether the file holds `secret`, read in chunks (any size, any format: weights and binaries too)."""
+    tail = b""
+    with open(path, "rb") as f:
+        while chunk := f.read(_SCAN_CHUNK):
+            if secret in tail + chunk:
+                return True
+            tail = chunk[-(len(secret) - 1):] if len(secret) > 1 else b""
+    return False
+
+
+def _stage(folder: Path, staging: Path) -> list[str]:
+    """Hard-link (or copy) the folder's publishable files into `staging`; return the names left out.
+
+    Only `_PUBLISHED` names at the top level are staged. A symbolic link is refused if it leads out of the folder
+    (its target would be uploaded); a link to a file inside the folder is staged as that file.
+    """
+    root = folder.resolve()
+    left_out = []
     for entry in sorted(folder.iterdir()):
-        if not entry.is_file() or _SKIPPED.match(entry.name):
+        if not _PUBLISHED.match(entry.name) or not entry.is_file():
+            left_out.append(entry.name)
             continue
-        text = entry.suffix in (".json", ".txt", ".jinja", ".md")
-        if isinstance(token, str) and text and token.encode() in entry.read_bytes():
-            raise ValueError(f"{entry} contains the Hub token; remove it before pushing.")
+        target = entry.resolve()
+        if entry.is_symlink() and root not in target.parents:
+            raise ValueError(f"{entry} is a symbolic link to {target}, outside the folder: refusing to upload "
+                             "a file from elsewhere. Copy the file into the folder, or remove the link.")
         try:
-            os.link(entry, staging / entry.name)
+            os.link(target, staging / entry.name)
         except OSError:
-            shutil.copy2(entry, staging / entry.name)
+            shutil.copy2(target, staging / entry.name)
+    return left_out
+
+
+def _check_no_token(staging: Path, token: str | None, folder: Path) -> None:
+    """Refuse the push if any staged file (the card included) contains the token."""
+    if not token:
+        return
+    for entry in sorted(staging.iterdir()):
+        if _contains(entry, token.encode()):
+            source = folder / entry.name if (folder / entry.name).exists() else entry.name
+            raise ValueError(f"{source} contains the Hub token that this push would use; remove it from the file "
+                             "before pushing (nothing was uploaded).")
 
 
 def push_compressed(model_or_folder: Any, repo_id: str, api: HfApi | None = None, private: bool = False,
                     token: str | None = None, commit_message: str = "Upload RED-compressed student",
                     eval_results: list[EvalResult | dict] | None = None, *, tokenizer: Any = None,
-                    merge: bool = False, **card_kwargs: Any) -> str:
+                    merge: bool = False, allow_plain_model: bool = False, **card_kwargs: Any) -> str:
     """Push a merged student to `repo_id` and return the commit URL.
 
     `model_or_folder`: a student folder (trainer.save_model / save_pretrained), a merged `PreTrainedModel` (saved
     with `tokenizer` first), or a `RedModel` with `merge=True`. README.md (`build_model_card(**card_kwargs)`) and
     `red_erank.json` are written into a temporary copy. Bad input raises `ValueError` before any request; a failed
     request raises `HubPushError`. The local folder is never modified, so pushing again is always safe.
+
+    Only a student's files are uploaded (config, generation config, safetensors weights, tokenizer files, the RED
+    summary and eRank): other files stay local, a symbolic link out of the folder is refused, and every uploaded
+    file (the card included) is scanned for the token the upload uses (`token`, the client's, HF_TOKEN or the
+    stored login). A folder without the RED summary is refused unless `allow_plain_model=True`.
     """
     validate_repo_id(repo_id)
     if isinstance(model_or_folder, RedModel):
         if not merge:
             raise ValueError("This is an unmerged RedModel (the teacher with adapters): call merge_and_unload() "
                              "first, or pass merge=True to push the merged student.")
-        red = model_or_folder
-        card_kwargs.setdefault("red_summary", {"adapter": red.red_config.to_dict(), "student_hidden_size":
-                                               red.student_hidden_size, "teacher_hidden_size": red.teacher_hidden_size})
-        model_or_folder = red.merge_and_unload()
+        model_or_folder = model_or_folder.merge_and_unload()
     if not isinstance(model_or_folder, (str, os.PathLike)) and not hasattr(model_or_folder, "save_pretrained"):
         raise TypeError(f"Expected a student folder or a merged PreTrainedModel, got {type(model_or_folder).__name__}.")
     if is_offline_mode():
         raise HubPushError("HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to push to the Hub.")
     with tempfile.TemporaryDirectory(prefix="red-push-") as tmp:
         if isinstance(model_or_folder, (str, os.PathLike)):
-            folder = check_student_folder(model_or_folder)
+            folder = check_student_folder(model_or_folder, allow_plain_model)
         else:
             folder = Path(tmp, "saved")
             model_or_folder.save_pretrained(folder)
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder)
-            if card_kwargs.get("red_summary") is not None:
-                (folder / STUDENT_SUMMARY_NAME).write_text(json.dumps(card_kwargs.pop("red_summary"), indent=2))
-            check_student_folder(folder)
+            summary = card_kwargs.pop("red_summary", None) or getattr(model_or_folder, "red_summary", None)
+            if summary is not None:  # merge_and_unload() records one on the merged model
+                (folder / STUDENT_SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
+            check_student_folder(folder, allow_plain_model)
         staging = Path(tmp, "upload")
         staging.mkdir()
-        _stage(folder, staging, token or getattr(api, "token", None))
+        left_out = _stage(folder, staging)
+        if left_out:
+            logger.info("Not uploaded (not part of a student): %s", ", ".join(left_out))
         card = build_model_card(folder, eval_results=eval_results, model_name=repo_id, **card_kwargs)
         card.save(staging / "README.md")
         erank = card_kwargs.get("erank") or _read_json(folder, ERANK_NAME)
         if erank:
             write_erank_file(erank, staging, (card.data.red["erank"] or {}).get("measured_on"))
+        _check_no_token(staging, _push_token(token, api), folder)
         api = api or HfApi(token=token)
         logger.info("Pushing %s to %s on %s", folder, repo_id, api.endpoint)
         try:

@@ -101,8 +101,8 @@ class RedAdapterConfig:
         if self.width_ratio is not None and not (isinstance(self.width_ratio, (int, float))
                                                  and 0.0 < float(self.width_ratio) < 1.0):
             raise ValueError(f"width_ratio must be a number strictly between 0 and 1, got {self.width_ratio!r}.")
-        if self.init_std <= 0:
-            raise ValueError(f"init_std must be > 0, got {self.init_std}.")
+        if not (isinstance(self.init_std, (int, float)) and 0 < self.init_std < float("inf")):
+            raise ValueError(f"init_std must be a finite number > 0, got {self.init_std}.")
         for name in ("calibration_num_samples", "calibration_max_length", "calibration_batch_size"):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
@@ -147,6 +147,13 @@ class RedAdapterConfig:
         if self.student_hidden_size not in (None, d_s):
             raise ValueError(f"This adapter config records student_hidden_size={self.student_hidden_size}, but "
                              f"its width setting gives {d_s} for this teacher (hidden_size {d_t}).")
+        if self.channel_indices is not None:
+            channels = self.channel_indices
+            if len(channels) != d_s or len(set(channels)) != d_s or min(channels) < 0 or max(channels) >= d_t:
+                raise ValueError(f"channel_indices must be {d_s} distinct channels in [0, {d_t}) for this width "
+                                 f"(d_S = {d_s} of d_T = {d_t}), got {len(channels)} values"
+                                 f"{'' if len(set(channels)) == len(channels) else ' with repeats'} in "
+                                 f"[{min(channels)}, {max(channels)}]. Fix the width or the channel list.")
         targets = architecture.target_modules()
         if self.target_modules is not None and {k: sorted(v) for k, v in self.target_modules.items()} != {
                 k: sorted(v) for k, v in targets.items()}:

@@ -74,8 +74,43 @@ def build_merged_model(red_model: Any, progressbar: bool = False) -> Any:
                            f"unexpected {unexpected[:5]}. Please report this with the teacher's config.")
     if getattr(teacher, "generation_config", None) is not None:
         student.generation_config = copy.deepcopy(teacher.generation_config)
+    # what the hub utilities record for an in-memory student (a trainer export writes it as red_summary.json)
+    student.red_summary = {"adapter": red_model.red_config.to_dict(), "teacher_hidden_size": red_model.teacher_hidden_size,
+                           "student_hidden_size": red_model.student_hidden_size}
+    _check_merge(red_model, student)
     student.train(teacher.training)
     return student
+
+
+# max |merged - wrapped| / max |wrapped| over the logits of one short batch
+MERGE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
+MERGE_TOLERANCE_LOW_PRECISION = 5e-2  # bf16 / fp16: the products W_T P round differently from the wrapped forward
+
+
+@torch.no_grad()
+def _check_merge(red_model: Any, student: Any) -> None:
+    """Run the wrapped and the merged student on 16 tokens and raise if their logits differ.
+
+    One forward of each: a merge that an architecture's hook (embedding scale, norm convention) got wrong would
+    otherwise produce a student that loads and generates but is not the model that was trained.
+    """
+    teacher = red_model.base_model
+    weight = next(teacher.parameters())
+    ids = torch.arange(16, device=weight.device).remainder(teacher.config.get_text_config().vocab_size)[None]
+    was_training = teacher.training
+    teacher.eval()
+    student.eval()
+    try:
+        wrapped, merged = red_model(input_ids=ids).logits.float(), student(input_ids=ids).logits.float()
+    finally:
+        teacher.train(was_training)
+    error = ((merged - wrapped).abs().max() / wrapped.abs().max().clamp_min(1e-6)).item()
+    tolerance = MERGE_TOLERANCE.get(weight.dtype, MERGE_TOLERANCE_LOW_PRECISION)
+    if not error <= tolerance:
+        raise RuntimeError(f"The merged {type(student).__name__} differs from the wrapped student by {error:.2e} "
+                           f"(relative, max over logits; tolerance {tolerance:g} in {weight.dtype}): the "
+                           f"{teacher.config.model_type!r} entry of the architecture registry does not describe this "
+                           "model. Please report it with the teacher's config.")
 
 
 def _tied_keys(model: Any) -> set[str]:

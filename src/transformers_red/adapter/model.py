@@ -257,6 +257,10 @@ def get_red_model(model: nn.Module, config: RedAdapterConfig, calibration_data: 
     """
     if getattr(model, "is_red_model", False):
         raise ValueError("This model is already a RedModel; pass the plain teacher (or call .unload()).")
+    if any(isinstance(m, RedLayer) for m in model.modules()):
+        raise ValueError("This teacher is already wrapped by a RedModel: get_red_model wraps the teacher in place "
+                         "(as PEFT's get_peft_model does), so a second call would calibrate the student. Use the "
+                         "RedModel the first call returned, call its .unload() first, or load a fresh teacher.")
     config = config.resolved_for(model)  # raises for unsupported types and widths, before any forward
     channels = config.channel_indices
     if config.needs_calibration:

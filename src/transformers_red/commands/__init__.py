@@ -2,7 +2,8 @@
 
 Each subcommand module has `HELP` and `main(argv) -> int` (and, except `distill`, whose flags are RedConfig's
 fields through TRL's parser, a `build_parser()`). Flags are spelled with underscores everywhere; the dashed
-spellings are accepted too.
+spellings are accepted too. A bad input prints `error: ...` and exits with status 2; `--debug` (anywhere on the
+line) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -29,13 +30,26 @@ def usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
     if argv[0] not in SUBCOMMANDS:
         print(f"transformers-red: unknown subcommand {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    return _module(argv[0]).main(argv[1:])
+    try:
+        return _module(argv[0]).main(argv[1:])
+    except SystemExit as stop:
+        if not isinstance(stop.code, str):  # argparse's own exits (help: 0, usage error: 2)
+            raise
+        message = stop.code
+    except (ValueError, TypeError, OSError, RuntimeError) as err:  # bad input, named by the code that found it
+        if debug:
+            raise
+        message = f"error: {err}"
+    print(message if message.startswith("error:") else f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":

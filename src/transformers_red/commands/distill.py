@@ -52,13 +52,22 @@ def run_distill(argv: Sequence[str] | None = None) -> Any:
         raise SystemExit(f"error: {err}") from err
     trainer = RedDistillationTrainer(model=teacher, args=config, train_dataset=train_dataset,
                                      processing_class=tokenizer)
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=_resume_flag(config.resume_from_checkpoint))
     trainer.save_model(config.output_dir)
     summary = trainer.red_summary()
     architecture = type(trainer.model if config.train == "weights" else trainer.red_model.base_model).__name__
     print(f"Saved a plain {architecture} student of width {summary['student_hidden_size']} "
           f"(teacher {summary['teacher_hidden_size']}, train={config.train}) to {config.output_dir}")
     return trainer
+
+
+def _resume_flag(value: str | None) -> str | bool | None:
+    """`--resume_from_checkpoint true` means the newest complete checkpoint (as in TRL's scripts); a path stays a path."""
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "last"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "no", "0", ""):
+        return None
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..evaluation.inspection import build_report, format_report
     from ..resources import builtin_texts
 
+    for name in ("eval_texts", "calibration_samples", "max_length"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be a positive number, got {getattr(args, name)}.")
     width = {"width_ratio": args.width_ratio} if args.target_hidden_size is None else {
         "target_hidden_size": args.target_hidden_size}
     try:

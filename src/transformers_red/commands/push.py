@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--erank_text", default=None, help="What the eRank was measured on (for the card).")
     parser.add_argument("--commit_message", default="Upload RED-compressed student")
     parser.add_argument("--dry_run", action="store_true", help="Check the folder and print the card; no upload.")
+    parser.add_argument("--allow_plain_model", action="store_true",
+                        help="Publish a folder without red_summary.json (not a trainer export); the card says so.")
     return parser
 
 
@@ -42,11 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     kwargs = dict(teacher_name_or_path=args.teacher, datasets=args.datasets, erank_text=args.erank_text)
     try:
         if args.dry_run:
-            check_student_folder(args.folder)
+            check_student_folder(args.folder, args.allow_plain_model)
             print(build_model_card(args.folder, eval_results=results, model_name=args.repo_id, **kwargs))
             return 0
         url = push_compressed(args.folder, args.repo_id, private=args.private, commit_message=args.commit_message,
-                              eval_results=results, **kwargs)
+                              eval_results=results, allow_plain_model=args.allow_plain_model, **kwargs)
     except (ValueError, HubPushError) as err:
         raise SystemExit(f"error: {err}") from err
     print(f"pushed {args.folder} to {url}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,15 +96,23 @@ class RedConfig(SFTConfig):
             self.bf16 = (not self.fp16) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         super().__post_init__()
         if isinstance(self.clone_terms, str):
-            self.clone_terms = [t for t in self.clone_terms.replace(",", " ").split() if t]
+            self.clone_terms = [self.clone_terms]
+        # "q,k" from the command line arrives as one list item
+        self.clone_terms = [t for item in self.clone_terms for t in str(item).replace(",", " ").split() if t]
         problems = []
-        if not self.temperature > 0:
-            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            problems.append(f"temperature must be a finite number > 0, got {self.temperature}")
         if not 0 <= self.beta <= 1:
             problems.append(f"beta must be in [0, 1] (0 forward KL, 0.5 JSD, 1 reverse KL), got {self.beta}")
         for name in ("ce_weight", "kd_weight", "clone_weight"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                problems.append(f"{name} must be a finite number >= 0, got {value}")
+        if self.max_length is not None and self.max_length <= 0:
+            problems.append(f"max_length must be a positive number of tokens (or None), got {self.max_length}")
+        if isinstance(self.red_adapter_config, str):
+            problems.append("red_adapter_config must be a dict of RedAdapterConfig fields (JSON object on the "
+                            f"command line), got the string {self.red_adapter_config[:40]!r}")
         if self.ce_weight == self.kd_weight == 0 and (self.clone_weight == 0 or not self.clone_terms):
             problems.append("every loss weight is zero (ce_weight, kd_weight, clone_weight): nothing to train")
         unknown = set(self.clone_terms) - set(CLONE_TERMS)

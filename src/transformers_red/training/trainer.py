@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from typing import Any
@@ -28,26 +27,17 @@ from ..adapter.calibrate import materialise_batches
 from .callbacks import ERankCallback
 from ..adapter.architectures import RESIDUAL_TERMS
 from .clone import CloneLoss, capture_outputs, clone_sites
-from ..constants import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PAPER_CITATION, PAPER_ID, PAPER_TITLE,
+from ..constants import (ADAPTER_WEIGHTS_NAME, PAPER_CITATION, PAPER_ID, PAPER_TITLE,
                          STUDENT_SUMMARY_NAME, STUDENT_WEIGHTS_NAME, TAGS)
 from .cpu_memory import keep_freed_cpu_memory
 from ..data import position_ids_from_mask
 from ..loading import load_model
 from .losses import IGNORE_INDEX, LogitLossWorkspace, fused_logit_loss, generalized_jsd_loss, shift_labels
 from ..adapter.model import RedModel, get_red_model
+from .checkpoints import (checkpoint_problem, last_complete_checkpoint, read_run_state, run_identity,
+                          teacher_weights_digest, write_run_state)
 from .config import RedConfig
 
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest `checkpoint-N` folder that holds a finished RED checkpoint, or None."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = sorted((int(m.group(1)), name) for name in os.listdir(output_dir)
-                   if (m := _CHECKPOINT_RE.match(name)) and any(
-                       os.path.isfile(os.path.join(output_dir, name, w)) for w in (ADAPTER_WEIGHTS_NAME, STUDENT_WEIGHTS_NAME)))
-    return os.path.join(output_dir, steps[-1][1]) if steps else None
 
 
 class RedDistillationTrainer(SFTTrainer):
@@ -105,6 +95,8 @@ class RedDistillationTrainer(SFTTrainer):
         self._adapter_config = model.red_config
         self._clone = self._build_clone_loss(model, args, calibration, processing_class)
         self._trains_weights = args.train == "weights"
+        self._run_identity = run_identity(args, model.red_config, teacher_weights_digest(
+            teacher_model if teacher_model is not None else model.base_model))
         if self._trains_weights:
             model, teacher_model = self._prune(model, teacher_model)
         if teacher_model is not None:
@@ -320,6 +312,8 @@ class RedDistillationTrainer(SFTTrainer):
         shutil.rmtree(self._staging_dir, ignore_errors=True)
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save:  # written before the rename: a checkpoint folder always has it
+                write_run_state(os.path.join(self._staging_dir, name), self._run_identity, self._total_train_tokens)
         finally:
             staging, self._staging_dir = self._staging_dir, None
         if self.args.should_save:
@@ -419,7 +413,7 @@ class RedDistillationTrainer(SFTTrainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir, self._trains_weights)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete checkpoint in {self.args.output_dir} to resume from.")
         return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -428,14 +422,13 @@ class RedDistillationTrainer(SFTTrainer):
         """Restore the adapter state, or with train="weights" the student's weights (optimizer, scheduler and RNG
         are restored by Trainer)."""
         weights = os.path.join(resume_from_checkpoint, STUDENT_WEIGHTS_NAME if self._trains_weights else ADAPTER_WEIGHTS_NAME)
-        if not os.path.isfile(weights) or not os.path.isfile(os.path.join(resume_from_checkpoint, ADAPTER_CONFIG_NAME)):
-            raise ValueError(f"{resume_from_checkpoint} is not a complete RED checkpoint of train="
-                             f"{self.args.train!r} (no {os.path.basename(weights)} or {ADAPTER_CONFIG_NAME}).")
-        with open(os.path.join(resume_from_checkpoint, ADAPTER_CONFIG_NAME), encoding="utf-8") as f:
-            saved_channels = json.load(f).get("channel_indices")
-        if saved_channels != self._adapter_config.channel_indices:
-            raise ValueError(f"{resume_from_checkpoint} was trained with other selected channels than this "
-                             "trainer's student; resume with the same teacher, calibration data and config.")
+        problem = checkpoint_problem(resume_from_checkpoint, self._trains_weights)
+        if problem is not None:
+            raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem} (train={self.args.train!r}). "
+                             "Resume from an earlier checkpoint, or with resume_from_checkpoint=True to take the "
+                             "newest complete one.")
+        state = read_run_state(resume_from_checkpoint, self._run_identity)  # refuses another run's checkpoint
+        self._total_train_tokens = int(state["tokens_trained"])
         if self._trains_weights:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         else:

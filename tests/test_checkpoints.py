@@ -1,0 +1,94 @@
+"""Checkpoints (training/checkpoints.py): counters restored on resume, another run's checkpoint refused with what
+differs, damaged checkpoints skipped or named (reliability probe §2, §6, §11)."""
+
+import json
+import logging
+import os
+
+import datasets
+import pytest
+from testing_utils import make_red_trainer
+
+from transformers_red.resources import builtin_texts, tiny_teacher
+from transformers_red.training.checkpoints import RUN_STATE_NAME, last_complete_checkpoint, teacher_weights_digest
+
+SAVE = dict(save_strategy="steps", save_steps=2, max_steps=4)
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return datasets.Dataset.from_dict({"text": builtin_texts(64)})
+
+
+def summary(folder):
+    with open(os.path.join(folder, "red_summary.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("train", ["projections", "weights"])
+def test_tokens_trained_and_steps_survive_a_resume(tmp_path, texts, tokenizer, trained_teacher, train):
+    straight = make_red_trainer(tmp_path / "straight", texts, tokenizer, trained_teacher(), train=train, **SAVE)
+    straight.train()
+    straight.save_model()
+    half = make_red_trainer(tmp_path / "resumed", texts, tokenizer, trained_teacher(), train=train,
+                            **{**SAVE, "max_steps": 2})
+    half.train()
+    resumed = make_red_trainer(tmp_path / "resumed", texts, tokenizer, trained_teacher(), train=train, **SAVE)
+    resumed.train(resume_from_checkpoint=True)
+    resumed.save_model()
+    want, got = summary(tmp_path / "straight"), summary(tmp_path / "resumed")
+    assert got["tokens_trained"] == want["tokens_trained"] > 0
+    assert got["global_step"] == want["global_step"] == 4
+    with open(tmp_path / "resumed" / "checkpoint-2" / RUN_STATE_NAME) as f:
+        assert json.load(f)["tokens_trained"] * 2 == want["tokens_trained"]  # equal-length batches
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(temperature=2.0), r"loss.temperature: checkpoint 1.0, now 2.0"),
+    (dict(clone_weight=0.0), r"loss.clone_weight"),
+    (dict(init="random", norm_init="ones"), r"adapter.init: checkpoint 'activation', now 'random'"),
+    (dict(width_ratio=0.25), r"adapter.student_hidden_size: checkpoint 32, now 16"),
+])
+def test_resume_with_other_settings_is_refused(tmp_path, texts, tokenizer, trained_teacher, change, match):
+    make_red_trainer(tmp_path, texts, tokenizer, trained_teacher(), **{**SAVE, "max_steps": 2}).train()
+    other = make_red_trainer(tmp_path, texts, tokenizer, trained_teacher(), **{**SAVE, **change})
+    with pytest.raises(ValueError, match=f"belongs to another run.*{match}"):
+        other.train(resume_from_checkpoint=True)
+
+
+def test_resume_with_another_teacher_of_the_same_config_is_refused(tmp_path, texts, tokenizer):
+    # random init: no channel selection that would tell the teachers apart; only the weights differ
+    settings = {**SAVE, "max_steps": 2, "init": "random", "norm_init": "ones"}
+    make_red_trainer(tmp_path, texts, tokenizer, tiny_teacher("llama", seed=1), **settings).train()
+    other = make_red_trainer(tmp_path, texts, tokenizer, tiny_teacher("llama", seed=2), **settings)
+    with pytest.raises(ValueError, match="teacher_weights_digest"):
+        other.train(resume_from_checkpoint=True)
+    assert teacher_weights_digest(tiny_teacher("llama", seed=1)) == teacher_weights_digest(tiny_teacher("llama", seed=1))
+
+
+@pytest.mark.parametrize("damage", ["truncate_weights", "garbage_config", "no_optimizer", "no_trainer_state",
+                                    "no_rng", "no_run_state"])
+def test_a_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, texts, tokenizer, trained_teacher, damage,
+                                                          caplog):
+    make_red_trainer(tmp_path, texts, tokenizer, trained_teacher(), **SAVE).train()
+    newest = tmp_path / "checkpoint-4"
+    if damage == "truncate_weights":
+        path = newest / "red_adapter_model.safetensors"
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "garbage_config":
+        (newest / "red_adapter_config.json").write_text("{not json")
+    elif damage == "no_rng":
+        for name in os.listdir(newest):
+            if name.startswith("rng_state"):
+                os.remove(newest / name)
+    else:
+        os.remove(newest / {"no_optimizer": "optimizer.pt", "no_trainer_state": "trainer_state.json",
+                            "no_run_state": RUN_STATE_NAME}[damage])
+    with caplog.at_level(logging.WARNING):
+        assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    assert "checkpoint-4" in caplog.text
+    resumed = make_red_trainer(tmp_path, texts, tokenizer, trained_teacher(), **SAVE)
+    with pytest.raises(ValueError, match="Cannot resume from .*checkpoint-4"):
+        resumed.train(resume_from_checkpoint=str(newest))
+    resumed.train(resume_from_checkpoint=True)  # falls back to checkpoint-2 and finishes
+    assert resumed.state.global_step == 4
