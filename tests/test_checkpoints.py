@@ -6,6 +6,7 @@ import logging
 import os
 
 import datasets
+import torch
 import pytest
 from testing_utils import make_red_trainer
 
@@ -92,3 +93,68 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, texts, token
         resumed.train(resume_from_checkpoint=str(newest))
     resumed.train(resume_from_checkpoint=True)  # falls back to checkpoint-2 and finishes
     assert resumed.state.global_step == 4
+
+
+def test_resuming_a_finished_run_trains_nothing_and_re_exports_the_same_weights(tmp_path, texts, tokenizer,
+                                                                              trained_teacher):
+    from safetensors.torch import load_file
+
+    settings = {**SAVE, "lr_scheduler_type": "constant"}  # a step past the end would change the weights
+    first = make_red_trainer(tmp_path, texts, tokenizer, trained_teacher(), **settings)
+    first.train()
+    first.save_model()
+    before = load_file(tmp_path / "model.safetensors")
+    again = make_red_trainer(tmp_path, texts, tokenizer, trained_teacher(), **settings)
+    again.train(resume_from_checkpoint=True)
+    again.save_model()
+    assert again.state.global_step == 4 and not (tmp_path / "checkpoint-5").exists()
+    after = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert summary(tmp_path)["global_step"] == 4 and summary(tmp_path)["tokens_trained"] > 0
+
+
+def test_an_interrupted_re_export_is_never_taken_for_a_good_one(tmp_path, texts, tokenizer, trained_teacher,
+                                                                monkeypatch):
+    from transformers_red.hub import check_student_folder
+    from transformers_red.loading import LoadError, load_model
+
+    trainer = make_red_trainer(tmp_path / "run", texts, tokenizer, trained_teacher(), max_steps=2)
+    trainer.train()
+    out = tmp_path / "export"
+    trainer.save_model(str(out))
+    check_student_folder(out)
+    real_replace, moved = os.replace, []
+
+    def crash_after_weights(src, dst):  # the process dies after the new weights are in place
+        real_replace(src, dst)
+        moved.append(os.path.basename(dst))
+        if os.path.basename(dst) == "model.safetensors":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", crash_after_weights)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_model(str(out))
+    monkeypatch.setattr(os, "replace", real_replace)
+    with pytest.raises(ValueError, match="interrupted"):
+        check_student_folder(out)
+    with pytest.raises(LoadError, match="interrupted"):
+        load_model(str(out))
+    trainer.save_model(str(out))  # re-running the export repairs the folder
+    check_student_folder(out)
+    assert not (out / ".red_export_incomplete").exists()
+    with open(out / "tokenizer.json", "a") as f:  # a file of another export: the size manifest catches it
+        f.write(" ")
+    with pytest.raises(ValueError, match="mixes two exports"):
+        check_student_folder(out)
+
+
+@pytest.mark.parametrize("form", ["input_ids", "iterable"])
+def test_pre_tokenised_and_iterable_datasets_calibrate(tmp_path, tokenizer, trained_teacher, form):
+    rows = builtin_texts(16)
+    if form == "input_ids":
+        dataset = datasets.Dataset.from_dict({"input_ids": [tokenizer(t).input_ids[:48] for t in rows]})
+    else:
+        dataset = datasets.Dataset.from_dict({"text": rows}).to_iterable_dataset()
+    trainer = make_red_trainer(tmp_path, dataset, tokenizer, trained_teacher(), max_steps=2)
+    trainer.train()
+    assert trainer.red_model.channel_indices is not None and trainer.state.global_step == 2

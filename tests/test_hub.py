@@ -266,8 +266,8 @@ def test_push_skips_trainer_state_and_subfolders(hub, student_folder, tmp_path):
     files = hub.files(REPO)
     assert "training_args.bin" not in files and not any(p.startswith("checkpoint-") for p in files)
     assert files["README.md"].startswith(b"---\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"token": TOKEN}))
-    with pytest.raises(ValueError, match="contains the Hub token"):
+    (folder / "chat_template.jinja").write_text(f"{{# {TOKEN} #}}")  # a student file the export did not write
+    with pytest.raises(ValueError, match="chat_template.jinja contains the Hub token"):
         push_compressed(folder, "user/other", api=api_for(hub), token=TOKEN)
     assert "user/other" not in hub.repos
 
@@ -400,8 +400,8 @@ def test_push_uploads_student_files_only_and_never_the_token(hub, student_folder
     assert not {"train_config.yaml", "notes.txt", "run.py"} & set(files)
     assert {"config.json", "model.safetensors", "red_summary.json", "README.md"} <= set(files)
     # a student file holding the token is refused, whichever way the token reaches the client
-    (folder / "generation_config.json").write_text(json.dumps({"note": TOKEN}))
-    with pytest.raises((ValueError, SystemExit), match="generation_config.json contains the Hub token"):
+    (folder / "chat_template.jinja").write_text(f"{{# {TOKEN} #}}")
+    with pytest.raises((ValueError, SystemExit), match="chat_template.jinja contains the Hub token"):
         if source == "api_token":
             push_compressed(folder, "user/other", api=HfApi(endpoint=hub.endpoint), token=TOKEN)
         else:

@@ -20,7 +20,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_tok
 from huggingface_hub.utils import validate_repo_id
 
 from .adapter.model import RedModel
-from .constants import (ADAPTER_WEIGHTS_NAME, CARD_ERANK_NAME, ERANK_NAME, LEGACY_SUMMARY_NAME, PAPER_CITATION,
+from .constants import (ADAPTER_WEIGHTS_NAME, CARD_ERANK_NAME, ERANK_NAME, EXPORT_INCOMPLETE_NAME, LEGACY_SUMMARY_NAME, PAPER_CITATION,
                         PAPER_ID, STUDENT_SUMMARY_NAME, TAGS)
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,9 @@ def check_student_folder(folder: str | os.PathLike, allow_plain_model: bool = Fa
         raise ValueError(f"{folder} is not a folder. Give the folder written by trainer.save_model(...) or "
                          "student.save_pretrained(...), or pass the merged model itself.")
     names = set(os.listdir(folder))
+    if EXPORT_INCOMPLETE_NAME in names:
+        raise ValueError(f"{folder} holds an export that was interrupted while its files were moved in "
+                         f"({EXPORT_INCOMPLETE_NAME} is present): re-run trainer.save_model() to finish it.")
     if ADAPTER_WEIGHTS_NAME in names and "model.safetensors" not in names:
         raise ValueError(f"{folder} is a RED adapter checkpoint ({ADAPTER_WEIGHTS_NAME}), not a merged student. Merge it "
                          "first: RedModel.from_pretrained(teacher, folder).merge_and_unload().save_pretrained(out) "
@@ -81,6 +84,11 @@ def check_student_folder(folder: str | os.PathLike, allow_plain_model: bool = Fa
     if summary.get("student_hidden_size") not in (None, config["hidden_size"]):
         raise ValueError(f"{folder}/{STUDENT_SUMMARY_NAME} records a student of width {summary['student_hidden_size']} "
                          f"but config.json has hidden_size {config['hidden_size']}: the folder mixes two exports.")
+    wrong = sorted(n for n, size in (summary.get("files") or {}).items()
+                   if not (folder / n).is_file() or (folder / n).stat().st_size != size)
+    if wrong:
+        raise ValueError(f"{folder}: {', '.join(wrong[:3])} differ from the export that {STUDENT_SUMMARY_NAME} "
+                         "describes (missing or another size): the folder mixes two exports; re-export it.")
     if not summary and not allow_plain_model:
         raise ValueError(f"{folder} has no {STUDENT_SUMMARY_NAME}: it is a plain model (a teacher?), not a student "
                          "exported by trainer.save_model(). Push the export folder, or pass allow_plain_model=True "

@@ -46,6 +46,11 @@ def load_model(name_or_path: str | os.PathLike | None, *, tokenizer: bool = True
         return model, tok if tokenizer else None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .constants import EXPORT_INCOMPLETE_NAME
+
+    if os.path.isfile(os.path.join(name, EXPORT_INCOMPLETE_NAME)):
+        raise LoadError(f"{name} holds an export that was interrupted while its files were moved in "
+                        f"({EXPORT_INCOMPLETE_NAME} is present): re-run trainer.save_model() to finish it.")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype

@@ -10,7 +10,9 @@ plain student.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -18,27 +20,28 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
+from transformers.trainer_utils import TrainOutput
 from trl import SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import disable_dropout_in_model
 
-from ..adapter.calibrate import materialise_batches
-from .callbacks import ERankCallback
 from ..adapter.architectures import RESIDUAL_TERMS
-from .clone import CloneLoss, capture_outputs, clone_sites
-from ..constants import (ADAPTER_WEIGHTS_NAME, PAPER_CITATION, PAPER_ID, PAPER_TITLE,
-                         STUDENT_SUMMARY_NAME, STUDENT_WEIGHTS_NAME, TAGS)
-from .cpu_memory import keep_freed_cpu_memory
+from ..adapter.calibrate import materialise_batches
+from ..adapter.model import RedModel, get_red_model
+from ..constants import (ADAPTER_WEIGHTS_NAME, EXPORT_INCOMPLETE_NAME, LEGACY_SUMMARY_NAME, PAPER_CITATION,
+                         PAPER_ID, PAPER_TITLE, STUDENT_SUMMARY_NAME, STUDENT_WEIGHTS_NAME, TAGS)
 from ..data import position_ids_from_mask
 from ..loading import load_model
-from .losses import IGNORE_INDEX, LogitLossWorkspace, fused_logit_loss, generalized_jsd_loss, shift_labels
-from ..adapter.model import RedModel, get_red_model
+from .callbacks import ERankCallback
 from .checkpoints import (checkpoint_problem, last_complete_checkpoint, read_run_state, run_identity,
                           teacher_weights_digest, write_run_state)
+from .clone import CloneLoss, capture_outputs, clone_sites
 from .config import RedConfig
+from .cpu_memory import keep_freed_cpu_memory
+from .losses import IGNORE_INDEX, LogitLossWorkspace, fused_logit_loss, generalized_jsd_loss, shift_labels
 
-
+logger = logging.getLogger(__name__)
 
 class RedDistillationTrainer(SFTTrainer):
     """Distil a RED (or LRC) student from a teacher on a text dataset.
@@ -145,7 +148,12 @@ class RedDistillationTrainer(SFTTrainer):
 
     def _texts(self, dataset: Any, args: RedConfig, count: int, tokenizer: Any = None) -> list[str]:
         """The first `count` rows of `dataset` as texts (language modelling, prompt-completion or conversational)."""
-        rows = dataset.select(range(min(count, len(dataset)))) if hasattr(dataset, "select") else dataset[:count]
+        if hasattr(dataset, "select") and hasattr(dataset, "__len__"):
+            rows = dataset.select(range(min(count, len(dataset))))
+        elif isinstance(dataset, (list, tuple)):
+            rows = dataset[:count]
+        else:  # IterableDataset, generators: the first `count` rows
+            rows = list(itertools.islice(iter(dataset), count))
         return [_row_text(row, args.dataset_text_field, tokenizer) for row in rows]
 
     def _calibration_texts(self, args: RedConfig, train_dataset: Any, calibration_dataset: Any,
@@ -353,7 +361,13 @@ class RedDistillationTrainer(SFTTrainer):
 
     def export_student(self, output_dir: str) -> Any:
         """Merge and write a plain student (safetensors, config, generation config, tokenizer) plus
-        `red_summary.json` and `erank.json`. Files are written to a staging folder first and moved in last."""
+        `red_summary.json` and `erank.json`.
+
+        Atomic as a whole: files are written to a staging folder; while they are moved in, a marker file
+        (`.red_export_incomplete`) says the folder is not a finished export (push and `load_model` refuse it); the
+        summary, with the size of every file of the export, is moved in last and the marker removed after it. Weight
+        files of an earlier export that this one does not have (other shards) are removed.
+        """
         os.makedirs(output_dir, exist_ok=True)
         staging = os.path.join(output_dir, ".staging-student")
         shutil.rmtree(staging, ignore_errors=True)
@@ -361,13 +375,22 @@ class RedDistillationTrainer(SFTTrainer):
         student.save_pretrained(staging)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(staging)
-        with open(os.path.join(staging, STUDENT_SUMMARY_NAME), "w", encoding="utf-8") as f:
-            json.dump(self.red_summary(), f, indent=2)
         if self._erank_callback is not None and self._erank_callback.teacher is not None:
             self._erank_callback.write(staging)
-        names = sorted(os.listdir(staging), key=lambda n: n == "config.json")  # config.json last
-        for name in names:
+        files = {name: os.path.getsize(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
+        with open(os.path.join(staging, STUDENT_SUMMARY_NAME), "w", encoding="utf-8") as f:
+            json.dump({**self.red_summary(), "files": files}, f, indent=2)
+        marker = os.path.join(output_dir, EXPORT_INCOMPLETE_NAME)
+        with open(marker, "w", encoding="utf-8") as f:
+            f.write("an export is being moved into this folder; if this file stays, re-run trainer.save_model()\n")
+        for name in (STUDENT_SUMMARY_NAME, LEGACY_SUMMARY_NAME, *os.listdir(output_dir)):
+            stale = name in (STUDENT_SUMMARY_NAME, LEGACY_SUMMARY_NAME) or (
+                name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json")))
+            if stale and name not in files and os.path.isfile(os.path.join(output_dir, name)):
+                os.remove(os.path.join(output_dir, name))
+        for name in [*files, STUDENT_SUMMARY_NAME]:  # the summary (with the file list) last
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        os.remove(marker)
         os.rmdir(staging)
         return student
 
@@ -416,7 +439,22 @@ class RedDistillationTrainer(SFTTrainer):
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir, self._trains_weights)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete checkpoint in {self.args.output_dir} to resume from.")
+        if resume_from_checkpoint and self._already_finished(resume_from_checkpoint):
+            # transformers would run one more step past max_steps (upstream, reproduced with a plain Trainer)
+            self._load_from_checkpoint(resume_from_checkpoint)
+            self.state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, "trainer_state.json"))
+            logger.warning("%s already holds step %d of max_steps=%d: nothing is trained; its weights are kept.",
+                           resume_from_checkpoint, self.state.global_step, self.args.max_steps)
+            loss = next((h["train_loss"] for h in reversed(self.state.log_history) if "train_loss" in h), float("nan"))
+            return TrainOutput(self.state.global_step, loss, {})
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _already_finished(self, checkpoint: str) -> bool:
+        path = os.path.join(checkpoint, "trainer_state.json")
+        if self.args.max_steps <= 0 or not os.path.isfile(path):
+            return False
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("global_step", 0) >= self.args.max_steps
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         """Restore the adapter state, or with train="weights" the student's weights (optimizer, scheduler and RNG
@@ -453,6 +491,8 @@ def _row_text(row: Any, text_field: str, tokenizer: Any) -> str:
         return _render(row["messages"], tokenizer)
     if "prompt" in row:
         return _render(row["prompt"], tokenizer) + _render(row.get("completion", ""), tokenizer)
+    if "input_ids" in row:  # pre-tokenised: the text these ids spell (calibration and eRank read texts)
+        return tokenizer.decode(list(row["input_ids"]))
     raise ValueError(f"Cannot read a text from a row with keys {sorted(row)}: give a {text_field!r} column, "
                      "prompt/completion columns or a messages column.")
 
