@@ -85,6 +85,8 @@ def test_adapter_save_load_round_trip(arch, texts, tokenizer, input_ids, tmp_pat
     other = make_teacher(model_type, tie, {**overrides, "intermediate_size": 80})
     with pytest.raises(ValueError, match="another teacher"):
         RedModel.from_pretrained(other, tmp_path)
+    with pytest.raises(ValueError, match="teacher with other weights"):  # same config, other weights
+        RedModel.from_pretrained(make_teacher(model_type, tie, overrides, seed=5), tmp_path)
 
 
 @pytest.mark.parametrize("share", [False, True])

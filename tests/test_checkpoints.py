@@ -158,3 +158,22 @@ def test_pre_tokenised_and_iterable_datasets_calibrate(tmp_path, tokenizer, trai
     trainer = make_red_trainer(tmp_path, dataset, tokenizer, trained_teacher(), max_steps=2)
     trainer.train()
     assert trainer.red_model.channel_indices is not None and trainer.state.global_step == 2
+
+
+def test_a_full_disk_is_reported_with_the_path_and_free_space(tmp_path, texts, tokenizer, trained_teacher,
+                                                              monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from transformers import Trainer
+
+    trainer = make_red_trainer(tmp_path, texts, tokenizer, trained_teacher(), **{**SAVE, "max_steps": 2})
+    monkeypatch.setattr(Trainer, "_save_checkpoint", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("basic_ios::clear: iostream error")))  # what torch.save says on ENOSPC
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**20, 10 * 2**20, 2**20))
+    with pytest.raises(OSError, match=r"Saving checkpoint-2 into .* failed .* 1 MB are free there \(the disk is "
+                                      r"probably full\)") as caught:
+        trainer.train()
+    assert caught.value.errno == 28  # ENOSPC
+    assert last_complete_checkpoint(str(tmp_path)) is None  # nothing half-written is taken for a checkpoint

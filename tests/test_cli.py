@@ -88,3 +88,42 @@ def test_distill_resumes_with_true_and_takes_comma_separated_clone_terms(tmp_pat
     summary = json.loads((out / "red_summary.json").read_text())
     assert summary["global_step"] == 3 and summary["distillation"]["clone_terms"] == ["q", "k"]
     assert os.path.isdir(out / "checkpoint-3")
+
+
+@pytest.mark.parametrize("content, match", [("", "is empty"), ("null\n", "does not hold JSON rows")])
+def test_distill_refuses_empty_or_non_row_json_before_datasets_reads_it(tmp_path, teacher_dir, capsys, content,
+                                                                        match):
+    data = tmp_path / "d.json"
+    data.write_text(content)
+    with pytest.raises(SystemExit) as stop:
+        main(["distill", "--teacher_model_name_or_path", str(teacher_dir), "--dataset_path", str(data),
+              "--output_dir", str(tmp_path / "o")])
+    assert stop.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_demo_bad_width_and_teacher_fail_before_making_a_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for flags, match in ((["--width_ratio", "1.5"], "strictly between 0 and 1"),
+                         (["--teacher", str(tmp_path / "nothing")], "is not a folder")):
+        with pytest.raises(SystemExit) as stop:
+            main(["demo", *flags])
+        assert stop.value.code == 2 and match in capsys.readouterr().err
+    (tmp_path / "empty_teacher").mkdir()
+    with pytest.raises(SystemExit):
+        main(["demo", "--teacher", str(tmp_path / "empty_teacher"), "--output_dir", str(tmp_path / "out")])
+    assert "save the teacher with save_pretrained" in capsys.readouterr().err
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("red-demo-")]
+
+
+def test_an_unsupported_teacher_gets_the_supported_list_in_every_command(tmp_path, capsys):
+    from transformers import AutoConfig
+
+    gpt2 = tmp_path / "gpt2"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, vocab_size=256,
+                                                          n_positions=64)).save_pretrained(gpt2)
+    byte_tokenizer().save_pretrained(gpt2)
+    for command in (["inspect", "--teacher", str(gpt2)], ["erank", str(gpt2), "--num_texts", "2"]):
+        with pytest.raises(SystemExit) as stop:
+            main(command)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "'gpt2' is not supported" in err and "Traceback" not in err, err

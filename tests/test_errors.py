@@ -75,3 +75,48 @@ def test_wrapping_twice_is_refused(texts, tokenizer):
                         show_progress_bar=False)
     with pytest.raises(ValueError, match="already a RedModel"):
         get_red_model(red, RedAdapterConfig(width_ratio=0.5), texts, tokenizer)
+
+
+# ------------------------------------------------------------------------- early, named input errors (probe §13, §14)
+def test_tokenizer_longer_than_the_vocabulary_is_refused_before_calibration(texts):
+    from transformers_red.resources import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.add_tokens(["the"])
+    with pytest.raises(ValueError, match="tokenizer has 257 tokens but the model's vocabulary has 256"):
+        get_red_model(make_teacher("llama", False, {}), RedAdapterConfig(width_ratio=0.5), texts, tok)
+    with pytest.raises(ValueError, match=r"token ids outside \[0, 256\) \(largest 300\)"):
+        get_red_model(make_teacher("llama", False, {}), RedAdapterConfig(width_ratio=0.5),
+                      [{"input_ids": torch.full((2, 8), 300)}])
+
+
+@pytest.mark.parametrize("data, error, match", [
+    ("generator", None, None),  # a generator of strings is read like a list
+    ({"a", "b"}, TypeError, "set, which has no order"),
+    ([None, "a text"], TypeError, "Item 0 of the texts is None"),
+    (["a text", 3], TypeError, r"Item 1 of the texts is 3 \(int\)"),
+    ([{"input_ids": torch.ones(2, 2, 4, dtype=torch.long)}], ValueError, r"must be \(B, T\)"),
+    ([{"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 3)}], ValueError,
+     "the same shape"),
+    ([{"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.full((1, 4), 2)}], ValueError,
+     "only 0 and 1"),
+])
+def test_calibration_input_errors_say_what_was_received(texts, tokenizer, data, error, match):
+    if data == "generator":
+        data = (t for t in texts)
+    teacher = make_teacher("llama", False, {})
+    if error is None:
+        assert get_red_model(teacher, RedAdapterConfig(width_ratio=0.5), data, tokenizer,
+                             show_progress_bar=False).channel_indices is not None
+        return
+    with pytest.raises(error, match=match):
+        get_red_model(teacher, RedAdapterConfig(width_ratio=0.5), data, tokenizer, show_progress_bar=False)
+
+
+def test_a_dataset_row_without_text_is_named():
+    import datasets
+
+    from transformers_red.data import select_texts
+
+    with pytest.raises(TypeError, match="Row 1 of the 'text' column is None"):
+        select_texts(datasets.Dataset.from_dict({"text": ["a", None, "b"]}), None)

@@ -434,3 +434,32 @@ def test_push_refuses_a_plain_model_folder_unless_allowed(hub, tmp_path):
     assert REPO not in hub.repos
     push_compressed(teacher, REPO, api=api_for(hub), allow_plain_model=True)
     assert red_block(ModelCard.load(REPO))["recorded"] is False
+
+
+def test_push_to_a_silent_endpoint_fails_instead_of_hanging(student_folder, monkeypatch, tmp_path, capsys):
+    """An endpoint that accepts connections and never answers (probe §18): the CLI's timeout ends the push."""
+    import socket
+    import threading
+    import time
+
+    from huggingface_hub.utils._http import default_client_factory
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    accepted = []
+    threading.Thread(target=lambda: [accepted.append(server.accept()) for _ in range(8)], daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    started = time.monotonic()
+    try:
+        with pytest.raises(SystemExit, match="failed"):
+            push_command.main([str(student_folder), REPO, "--timeout", "1"])
+    finally:
+        huggingface_hub.set_client_factory(default_client_factory)  # the next tests get the default client
+        server.close()
+    assert time.monotonic() - started < 60

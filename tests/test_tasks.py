@@ -196,9 +196,14 @@ def test_teacher_checkpoint_is_small_and_complete():
     assert sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) <= 10_000_000
 
 
-def test_missing_teacher_has_a_clear_error(tmp_path):
+def test_missing_teacher_has_a_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="not a teacher folder with safetensors weights"):
+        load_reasoning_teacher(tmp_path)  # a folder the user gave
+    from transformers_red.demo import chain_task
+
+    monkeypatch.setattr(chain_task, "reasoning_teacher_dir", lambda: tmp_path)
     with pytest.raises(FileNotFoundError, match="train_reasoning_teacher.py"):
-        load_reasoning_teacher(tmp_path)
+        load_reasoning_teacher()  # the packaged one, missing
 
 
 def test_teacher_loads_offline_and_reaches_its_reported_accuracy(teacher):

@@ -30,6 +30,16 @@ def check_not_empty(data: Any, what: str = "calibration data") -> None:
         raise ValueError(f"The {what} is empty: give at least one text.")
 
 
+def _as_items(data: Any) -> Any:
+    """Datasets and sequences as they are; any other iterable (a generator, a pandas Series) as a list."""
+    if isinstance(data, (set, frozenset)):
+        raise TypeError("The data is a set, which has no order (the selection would change from run to run): "
+                        "pass a list.")
+    if _is_dataset(data) or isinstance(data, Sequence) or not isinstance(data, Iterable) or isinstance(data, Mapping):
+        return data
+    return list(data)
+
+
 def select_texts(data: Any, num_samples: int | None, seed: int | None = None,
                  text_column: str = "text") -> list[str] | None:
     """Return up to `num_samples` texts from a list of strings or a Dataset, or None for tokenised batches.
@@ -41,8 +51,16 @@ def select_texts(data: Any, num_samples: int | None, seed: int | None = None,
             raise ValueError(f"The dataset has no {text_column!r} column (columns: {data.column_names}); "
                              "pass text_column=... or a list of strings.")
         texts = data[text_column]
+        bad = next(((i, t) for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise TypeError(f"Row {bad[0]} of the {text_column!r} column is {bad[1]!r} ({type(bad[1]).__name__}), "
+                            "not a string: drop or fill the empty rows.")
     elif isinstance(data, Sequence) and all(isinstance(t, str) for t in data):
         texts = list(data)
+    elif isinstance(data, Sequence) and any(isinstance(t, str) for t in data):
+        index, bad = next((i, t) for i, t in enumerate(data) if not isinstance(t, str))
+        raise TypeError(f"Item {index} of the texts is {bad!r} ({type(bad).__name__}), not a string: every "
+                        "calibration text must be a string (drop or fill the empty rows).")
     else:
         return None
     if num_samples is not None and len(texts) > num_samples:
@@ -65,6 +83,7 @@ def iter_batches(data: Any, tokenizer: Any = None, *, batch_size: int = 4, max_l
     passed through, with an all-ones mask added when they have none.
     """
     check_not_empty(data)
+    data = _as_items(data)
     texts = select_texts(data, num_samples, seed, text_column)
     if texts is not None:
         if tokenizer is None:
@@ -80,12 +99,19 @@ def iter_batches(data: Any, tokenizer: Any = None, *, batch_size: int = 4, max_l
         raise TypeError(f"Unsupported data of type {type(data).__name__}: give a list of strings, a "
                         "datasets.Dataset, or an iterable of dicts with input_ids (and attention_mask).")
     count = 0
-    for batch in data:
+    for index, batch in enumerate(data):
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
-            raise TypeError("Each tokenised batch must be a dict with 'input_ids' (and 'attention_mask').")
+            raise TypeError(f"Item {index} of the data is a {type(batch).__name__}: give texts (strings) or tokenised "
+                            "batches (dicts with 'input_ids' and optionally 'attention_mask'), not a mix.")
         ids = torch.as_tensor(batch["input_ids"])
         ids = ids[None] if ids.dim() == 1 else ids
-        mask = torch.as_tensor(batch.get("attention_mask", torch.ones_like(ids))).reshape(ids.shape)
+        mask = torch.as_tensor(batch.get("attention_mask", torch.ones_like(ids)))
+        mask = mask[None] if mask.dim() == 1 else mask
+        if ids.dim() != 2 or mask.shape != ids.shape:
+            raise ValueError(f"Batch {index}: input_ids must be (B, T) and attention_mask the same shape; got "
+                             f"{tuple(ids.shape)} and {tuple(mask.shape)}.")
+        if not ((mask == 0) | (mask == 1)).all():
+            raise ValueError(f"Batch {index}: attention_mask must hold only 0 and 1, got {sorted(mask.unique().tolist())[:5]}.")
         yield {"input_ids": ids[:, :max_length].to(device), "attention_mask": mask[:, :max_length].to(device)}
         count += ids.shape[0]
         if num_samples is not None and count >= num_samples:

@@ -77,6 +77,19 @@ def read_paragraphs(path: str | os.PathLike) -> list[str]:
     return paragraphs
 
 
+def _check_json_rows(path: str) -> None:
+    """Refuse a JSON file that is not rows (objects) before `datasets` reads it: an empty file stops its reader,
+    and a bare `null` crashes pyarrow (a segmentation fault, upstream)."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if not head:
+        raise LoadError(f"--dataset_path {path} is empty: give one JSON object per line (.jsonl) or a list of "
+                        "objects (.json).")
+    if head[0] not in "{[":
+        raise LoadError(f"--dataset_path {path} does not hold JSON rows (it starts with {head[:20]!r}): give one JSON "
+                        'object per line, e.g. {"text": "..."}, or a list of such objects.')
+
+
 def load_text_dataset(path: str | None = None, name: str | None = None, *, num_samples: int, seed: int = 0,
                       text_field: str = "text") -> Any:
     """A `datasets.Dataset` of training texts from exactly one of a local file and a named source.
@@ -94,6 +107,7 @@ def load_text_dataset(path: str | None = None, name: str | None = None, *, num_s
         if not os.path.isfile(path):
             raise LoadError(f"--dataset_path {path} does not exist.")
         if path.endswith((".jsonl", ".json")):
+            _check_json_rows(path)
             dataset = datasets.load_dataset("json", data_files=path, split="train")
         else:
             dataset = datasets.Dataset.from_dict({text_field: read_paragraphs(path)})

@@ -69,10 +69,21 @@ def record_hidden_states(model: torch.nn.Module, sink: list[torch.Tensor | None]
 
 def materialise_batches(data: Any, tokenizer: Any, *, batch_size: int, max_length: int,
                         num_samples: int | None, seed: int | None, device: Any,
-                        what: str = "calibration data") -> list[dict[str, torch.Tensor]]:
-    """Tokenise everything up front (cheap) so bad input fails before the first forward (expensive)."""
+                        what: str = "calibration data", vocab_size: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Tokenise everything up front (cheap) so bad input fails before the first forward (expensive).
+
+    `vocab_size`: the model's; token ids at or above it are refused here rather than as an IndexError in the
+    embedding."""
+    if tokenizer is not None and vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab_size}: "
+                         "use the teacher's own tokenizer (or resize the teacher's embeddings before wrapping it).")
     batches = list(iter_batches(data, tokenizer, batch_size=batch_size, max_length=max_length,
                                 num_samples=num_samples, seed=seed, device=device))
+    if vocab_size is not None:
+        top = max(int(b["input_ids"].max()) for b in batches if b["input_ids"].numel()) if batches else 0
+        if top >= vocab_size or min(int(b["input_ids"].min()) for b in batches if b["input_ids"].numel()) < 0:
+            raise ValueError(f"The {what} holds token ids outside [0, {vocab_size}) (largest {top}): it was "
+                             "tokenised for another vocabulary than the model's.")
     if not batches or sum(int(b["attention_mask"].sum()) for b in batches) == 0:
         raise ValueError(f"The {what} has no non-padding tokens (attention_mask is all zeros); give texts "
                          "with content or fix the attention_mask.")
@@ -106,7 +117,8 @@ def collect_activation_stats(model: torch.nn.Module, data: Any, tokenizer: Any =
     hf_model = plain_model(model)
     device = next(hf_model.parameters()).device
     batches = materialise_batches(data, tokenizer, batch_size=batch_size, max_length=max_length,
-                                  num_samples=num_samples, seed=seed, device=device)
+                                  num_samples=num_samples, seed=seed, device=device,
+                                  vocab_size=hf_model.config.get_text_config().vocab_size)
     sumsq: torch.Tensor | None = None
     num_sequences = num_tokens = 0
     sink: list[torch.Tensor | None] = []

@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..constants import ADAPTER_CONFIG_NAME
+import torch
+
 from .architectures import get_architecture
 
 
+_SAMPLES_PER_TENSOR = 1024  # teacher weights hashed per tensor
 # Config keys that do not change the teacher's function or shapes and must not break the fingerprint.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
                          "output_hidden_states", "output_attentions", "return_dict", "_attn_implementation",
@@ -28,6 +31,25 @@ def teacher_config_fingerprint(config: Any) -> str:
     data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     data = {k: v for k, v in data.items() if k not in _VOLATILE_CONFIG_KEYS and not k.startswith("_")}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def teacher_weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 (16 hex digits) of the teacher's weights: every tensor's name, shape and dtype, and 1024 values
+    taken at evenly spaced positions.
+
+    Reading every value of an 8B teacher (16 GB in bf16) would take about half a minute per resume; the samples
+    take milliseconds and still tell apart any two fine-tunes (they change almost every value).
+    """
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        items = sorted(model.state_dict().items())
+    for name, tensor in items:
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
+        sample = flat[::step][:_SAMPLES_PER_TENSOR].to(device="cpu", dtype=torch.float32)
+        digest.update(f"{name.replace('.base_layer', '')}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _is_int(value: Any) -> bool:
@@ -79,6 +101,8 @@ class RedAdapterConfig:
     teacher_name_or_path: str | None = field(default=None, metadata={"help": "Teacher identity (recorded)."})
     teacher_config_fingerprint: str | None = field(
         default=None, metadata={"help": "Hash of the teacher config (recorded; checked on load)."})
+    teacher_weights_digest: str | None = field(
+        default=None, metadata={"help": "Hash of sampled teacher weights (recorded; checked on load)."})
     teacher_hidden_size: int | None = field(default=None, metadata={"help": "Teacher width d_T (recorded)."})
     student_hidden_size: int | None = field(default=None, metadata={"help": "Student width d_S (recorded)."})
     channel_indices: list[int] | None = field(
@@ -166,6 +190,7 @@ class RedAdapterConfig:
         resolved.target_modules = targets
         resolved.teacher_name_or_path = self.teacher_name_or_path or getattr(model, "name_or_path", None) or None
         resolved.teacher_config_fingerprint = teacher_config_fingerprint(model.config)
+        resolved.teacher_weights_digest = teacher_weights_digest(model)
         return resolved
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,6 +13,23 @@ from .flags import normalise_flags
 HELP = "Upload a merged student with a RED model card to the Hugging Face Hub."
 
 
+def _use_timeouts(seconds: float) -> None:
+    """huggingface_hub's shared HTTP client waits forever by default; this command owns its process, so it gives
+    that client connect / read / write timeouts (a library call, `push_compressed`, leaves the client alone)."""
+    try:
+        from huggingface_hub import set_client_factory
+        from huggingface_hub.utils._http import default_client_factory
+    except ImportError:  # a huggingface_hub without a client factory: requests' own defaults apply
+        return
+
+    def factory():
+        client = default_client_factory()
+        client.timeout = type(client.timeout)(seconds)  # httpx's (or httpx2's) Timeout, whichever the hub uses
+        return client
+
+    set_client_factory(factory)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of `transformers-red push FOLDER REPO_ID` (the token comes from HF_TOKEN or `hf auth login`)."""
     parser = argparse.ArgumentParser(prog="transformers-red push", description=HELP)
@@ -27,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--erank_text", default=None, help="What the eRank was measured on (for the card).")
     parser.add_argument("--commit_message", default="Upload RED-compressed student")
     parser.add_argument("--dry_run", action="store_true", help="Check the folder and print the card; no upload.")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="Seconds to wait for the Hub to connect or answer one request (default 60); a silent "
+                             "endpoint then fails instead of hanging.")
     parser.add_argument("--allow_plain_model", action="store_true",
                         help="Publish a folder without red_summary.json (not a trainer export); the card says so.")
     return parser
@@ -35,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Check a merged student folder and upload it with its RED model card."""
     args = build_parser().parse_args(normalise_flags(argv))
+    _use_timeouts(args.timeout)
     results = json.loads(pathlib.Path(args.eval_results).read_text(encoding="utf-8")) if args.eval_results else None
     if isinstance(results, dict):  # `transformers-red eval --output` writes {"eval_results": [...], ...}
         if "eval_results" not in results:

@@ -351,9 +351,13 @@ def load_reasoning_teacher(folder: str | Path | None = None, device: str | torch
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    packaged = folder is None
     folder = Path(folder) if folder is not None else reasoning_teacher_dir()
     missing = [name for name in ("config.json", "model.safetensors", "tokenizer.json")
                if not (folder / name).is_file()]
+    if missing and not packaged:
+        raise FileNotFoundError(f"{folder} is not a teacher folder with safetensors weights (missing: "
+                                f"{', '.join(missing)}): save the teacher with save_pretrained (and its tokenizer).")
     if missing:
         raise FileNotFoundError(
             f"reasoning teacher checkpoint not found in {folder} (missing: {', '.join(missing)}). "

@@ -105,6 +105,11 @@ def run_demo(*, teacher_dir: str | None = None, data: str | None = None, output_
              step0: bool = False, plots: bool = True, show_progress: bool = True) -> dict[str, Any]:
     """Run the comparison and return every number; writes `results.json` (and plots) into `output_dir`."""
     started = time.perf_counter()
+    from ..adapter.config import RedAdapterConfig
+
+    RedAdapterConfig(width_ratio=width_ratio)  # a bad width fails before any folder is made
+    if teacher_dir is not None and not os.path.isdir(teacher_dir):
+        raise FileNotFoundError(f"--teacher {teacher_dir} is not a folder.")
     output_dir = output_dir or time.strftime("red-demo-%Y%m%d-%H%M%S")
     os.makedirs(output_dir, exist_ok=True)
     teacher, tokenizer = load_reasoning_teacher(teacher_dir)

@@ -7,7 +7,6 @@ resuming trainer's and refuses on any difference, naming it; the counters are re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..adapter.config import teacher_weights_digest  # noqa: F401  (re-exported for the trainer)
 from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, STUDENT_WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
@@ -28,25 +28,6 @@ LOSS_FIELDS = ("train", "temperature", "beta", "ce_weight", "kd_weight", "clone_
                "clone_output_space", "clone_normalization")
 ADAPTER_FIELDS = ("init", "init_std", "norm_init", "share_projections", "seed", "teacher_hidden_size",
                   "student_hidden_size", "channel_indices", "model_type", "teacher_config_fingerprint")
-_SAMPLES_PER_TENSOR = 1024
-
-
-@torch.no_grad()
-def teacher_weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 (16 hex digits) of the teacher's weights: every tensor's name, shape and dtype, and 1024 values
-    taken at evenly spaced positions.
-
-    Reading every value of an 8B teacher (16 GB in bf16) would take about half a minute per resume; the samples
-    take milliseconds and still tell apart any two fine-tunes (they change almost every value).
-    """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
-        sample = flat[::step][:_SAMPLES_PER_TENSOR].to(device="cpu", dtype=torch.float32)
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def run_identity(args: Any, adapter_config: Any, teacher_digest: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ plain student.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -42,6 +43,7 @@ from .cpu_memory import keep_freed_cpu_memory
 from .losses import IGNORE_INDEX, LogitLossWorkspace, fused_logit_loss, generalized_jsd_loss, shift_labels
 
 logger = logging.getLogger(__name__)
+_LOW_DISK_BYTES = 256 * 2**20  # a failed save with less free space than this is reported as a full disk
 
 class RedDistillationTrainer(SFTTrainer):
     """Distil a RED (or LRC) student from a teacher on a text dataset.
@@ -89,6 +91,11 @@ class RedDistillationTrainer(SFTTrainer):
             if not source:
                 raise ValueError("Pass processing_class (the teacher's tokenizer).")
             processing_class = AutoTokenizer.from_pretrained(source)
+        vocab_size = model.config.get_text_config().vocab_size
+        if hasattr(processing_class, "__len__") and len(processing_class) > vocab_size:
+            raise ValueError(f"The tokenizer has {len(processing_class)} tokens but the teacher's vocabulary has "
+                             f"{vocab_size}: use the teacher's own tokenizer (ids past the vocabulary would fail "
+                             "in the embedding).")
         if isinstance(teacher_model, str):
             teacher_model = load_model(teacher_model, tokenizer=False, init_kwargs=args.teacher_model_init_kwargs)[0]
         calibration, calibration_source = self._calibration_texts(args, train_dataset, calibration_dataset,
@@ -190,7 +197,8 @@ class RedDistillationTrainer(SFTTrainer):
             batches = materialise_batches(calibration, tokenizer, batch_size=config.calibration_batch_size,
                                           max_length=config.calibration_max_length,
                                           num_samples=config.calibration_num_samples, seed=config.calibration_seed,
-                                          device=next(red.parameters()).device)
+                                          device=next(red.parameters()).device,
+                                          vocab_size=red.config.get_text_config().vocab_size)
             clone.calibrate(_teacher_outputs(red, batches, clone.names))
         return clone
 
@@ -322,6 +330,13 @@ class RedDistillationTrainer(SFTTrainer):
             super()._save_checkpoint(model, trial)
             if self.args.should_save:  # written before the rename: a checkpoint folder always has it
                 write_run_state(os.path.join(self._staging_dir, name), self._run_identity, self._total_train_tokens)
+        except (OSError, RuntimeError) as err:  # torch reports a full disk as "basic_ios::clear: iostream error"
+            free = shutil.disk_usage(run_dir).free
+            raise OSError(errno.ENOSPC if free < _LOW_DISK_BYTES else getattr(err, "errno", None) or errno.EIO,
+                          f"Saving {name} into {run_dir} failed ({type(err).__name__}: {err}); {free / 2**20:.0f} MB "
+                          f"are free there{' (the disk is probably full)' if free < _LOW_DISK_BYTES else ''}. Earlier "
+                          f"checkpoints are intact; the partial one is in {self._staging_dir} and is never resumed "
+                          "from.") from err
         finally:
             staging, self._staging_dir = self._staging_dir, None
         if self.args.should_save:
