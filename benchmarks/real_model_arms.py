@@ -118,7 +118,7 @@ def run_arm(arm: str, load_teacher, train: list[str], measure, args: argparse.Na
     teacher, tokenizer = load_teacher()
     callback = Measurements(measure, args.eval_every, set(args.match_steps))
     with tempfile.TemporaryDirectory() as tmp:
-        config = RedConfig(output_dir=tmp, width_ratio=args.width_ratio, max_steps=args.steps,
+        config = RedConfig(keep_freed_cpu_memory=True, output_dir=tmp, width_ratio=args.width_ratio, max_steps=args.steps,
                            per_device_train_batch_size=args.batch_size, max_length=args.max_length,
                            learning_rate=args.learning_rate, warmup_steps=max(1, args.steps // 100),
                            logging_steps=max(1, args.steps // 30), seed=args.seed, report_to=[],

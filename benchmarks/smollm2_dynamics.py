@@ -77,7 +77,7 @@ def run(init: str, lr: float, clone: str, load_teacher, train, held_out, args) -
     teacher, tokenizer = load_teacher()
     spectra = SpectraCallback(watched_modules(teacher.config.num_hidden_layers), args.every)
     with tempfile.TemporaryDirectory() as tmp:
-        config = RedConfig(output_dir=tmp, init=init, width_ratio=args.width_ratio, max_steps=args.steps,
+        config = RedConfig(keep_freed_cpu_memory=True, output_dir=tmp, init=init, width_ratio=args.width_ratio, max_steps=args.steps,
                            per_device_train_batch_size=args.batch_size, max_length=args.max_length,
                            learning_rate=lr, warmup_steps=max(1, args.steps // 100), logging_steps=args.every,
                            erank_steps=args.every, erank_num_samples=args.erank_texts, seed=args.seed,

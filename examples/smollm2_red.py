@@ -53,7 +53,7 @@ def build_texts(train_samples: int, seed: int) -> tuple[list[str], dict[str, lis
 def distil(init: str, train: list[str], args: argparse.Namespace, device: str) -> dict:
     teacher, tokenizer = load_smollm2()
     with tempfile.TemporaryDirectory() as tmp:
-        config = RedConfig(output_dir=tmp, init=init, width_ratio=args.width_ratio, temperature=args.temperature,
+        config = RedConfig(keep_freed_cpu_memory=True, output_dir=tmp, init=init, width_ratio=args.width_ratio, temperature=args.temperature,
                            clone_weight=args.clone_weight, clone_output_space=args.clone_output_space,
                            clone_normalization=args.clone_normalization,
                            max_steps=args.steps,

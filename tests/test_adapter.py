@@ -172,3 +172,33 @@ def test_unload_restores_teacher(texts, tokenizer, input_ids):
     assert not any("base_layer" in n for n, _ in restored.named_parameters())
     with torch.no_grad():
         assert torch.equal(restored(input_ids).logits, before)
+
+
+def test_teacher_methods_that_would_be_wrong_are_refused_and_the_rest_fall_through(texts, tokenizer, input_ids):
+    red = calibrated(make_teacher("llama", False, {}), texts, tokenizer)
+    for name, hint in (("resize_token_embeddings", "resize the teacher before get_red_model"),
+                       ("load_adapter", "RedModel.from_pretrained"), ("add_adapter", "merge_and_unload"),
+                       ("merge_adapter", "merge_and_unload"), ("disable_adapters", "disable_adapter()")):
+        with pytest.raises(AttributeError, match=hint):
+            getattr(red, name)
+    # these reach the teacher, whose forward is the student's: right on a RedModel
+    assert red.config is red.base_model.config and red.device == red.base_model.device
+    assert red.dtype == torch.float32 and red.get_base_model() is red.base_model
+    out = red.generate(input_ids[:1], max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        merged = red.merge_and_unload().generate(input_ids[:1], max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, merged)  # generate on the RedModel is the student's generate
+    red.gradient_checkpointing_enable()
+    assert red.base_model.is_activation_checkpointing
+    text = repr(red)
+    assert "d_T=64 -> d_S=32, init=activation" in text and "side=input, 64 -> 32" in text
+
+
+def test_merged_config_drops_a_teachers_quantisation_recipe(texts, tokenizer, tmp_path):
+    teacher = make_teacher("llama", False, {})
+    teacher.config.quantization_config = {"quant_method": "gguf"}  # what a GGUF-loaded teacher carries
+    merged = calibrated(teacher, texts, tokenizer).merge_and_unload()
+    assert not hasattr(merged.config, "quantization_config")
+    merged.save_pretrained(tmp_path)
+    saved = (tmp_path / "config.json").read_text()
+    assert "quantization_config" not in saved and '"LlamaForCausalLM"' in saved

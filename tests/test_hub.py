@@ -463,3 +463,65 @@ def test_push_to_a_silent_endpoint_fails_instead_of_hanging(student_folder, monk
         huggingface_hub.set_client_factory(default_client_factory)  # the next tests get the default client
         server.close()
     assert time.monotonic() - started < 60
+
+
+# ---------------------------------------------------------------------------------- adapters on the Hub (PEFT habits)
+@pytest.mark.parametrize("tie", [True, False])
+def test_adapter_push_and_load_by_repo_id(hub, tokenizer, input_ids, tie):
+    from transformers_red import RedModel
+
+    red = get_red_model(tiny_teacher("llama", tie_word_embeddings=tie), RedAdapterConfig(width_ratio=0.5),
+                        builtin_texts(8), tokenizer, show_progress_bar=False)
+    with torch.no_grad():
+        for p in red.trainable_parameters():
+            p.add_(0.01)
+        expected = red(input_ids).logits
+    url = red.push_to_hub("user/tiny-red-adapter", api=api_for(hub), token=TOKEN)
+    assert "user/tiny-red-adapter" in url
+    files = set(hub.files("user/tiny-red-adapter"))
+    assert files == {"red_adapter_config.json", "red_adapter_model.safetensors", "README.md", ".gitattributes"} - (
+        {".gitattributes"} - files)  # never the teacher's weights
+    loaded = RedModel.from_pretrained(tiny_teacher("llama", tie_word_embeddings=tie), "user/tiny-red-adapter",
+                                      token=TOKEN)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids).logits, expected)
+    assert RedAdapterConfig.from_pretrained("user/tiny-red-adapter", token=TOKEN).channel_indices == \
+        red.channel_indices.tolist()
+    with pytest.raises(ValueError, match="other weights"):
+        RedModel.from_pretrained(tiny_teacher("llama", tie_word_embeddings=tie, seed=3), "user/tiny-red-adapter",
+                                 token=TOKEN)
+    card = (hub.files("user/tiny-red-adapter")["README.md"]).decode()
+    assert "RedModel.from_pretrained(teacher" in card and "64 -> 32" in card
+
+
+def test_adapter_repo_offline_and_not_cached_says_so(monkeypatch):
+    from transformers_red import RedModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match="not in the local Hub cache"):
+        RedModel.from_pretrained(tiny_teacher("llama"), "user/never-downloaded")
+    with pytest.raises(FileNotFoundError, match="nor a Hub repo id"):
+        RedModel.from_pretrained(tiny_teacher("llama"), "./no/such/folder")
+
+
+# ------------------------------------------------------------------------------------------ trainer habits (TRL)
+def test_trainer_writes_the_red_card_and_pushes_with_trls_arguments(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    args = RedConfig(output_dir=str(tmp_path / "run"), max_steps=2, save_strategy="steps", save_steps=1,
+                     per_device_train_batch_size=4, max_length=48, report_to=[], use_cpu=True, learning_rate=1e-2,
+                     calibration_num_samples=8, disable_tqdm=True, hub_model_id="user/trained")
+    trainer = RedDistillationTrainer(model=tiny_teacher("llama"), args=args, processing_class=byte_tokenizer(),
+                                     train_dataset=datasets.Dataset.from_dict({"text": builtin_texts(32)}))
+    trainer.train()
+    readme = (tmp_path / "run" / "README.md").read_text()
+    assert "red:" in readme and "fine-tuned version of" not in readme  # not TRL's generic card
+    url = trainer.push_to_hub(dataset_name="openai/gsm8k", tags=["my-run"], model_name="ignored")
+    assert "user/trained" in url
+    card = ModelCard.load("user/trained")
+    assert card.data.datasets == ["openai/gsm8k"] and "my-run" in card.data.tags and "red" in card.data.tags
+    assert red_block(card)["global_step"] == 2
+    files = hub.files("user/trained")
+    assert "training_args.bin" not in files and "model.safetensors" in files
+    student = AutoModelForCausalLM.from_pretrained("user/trained")
+    assert student.config.hidden_size == 32

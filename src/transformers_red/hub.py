@@ -158,9 +158,10 @@ def build_model_card(student_folder_or_model: Any, *, teacher_name_or_path: str 
                      red_summary: dict | None = None, erank: dict | None = None,
                      eval_results: list[EvalResult | dict] | None = None, datasets: list[str] | None = None,
                      erank_text: str | None = None, library_version: str | None = None,
-                     model_name: str | None = None) -> ModelCard:
-    """The model card of a merged student: a folder (its config.json, red_summary.json and erank.json are read)
-    or a merged `PreTrainedModel`. Explicit arguments override what the folder records. No network.
+                     model_name: str | None = None, tags: list[str] | None = None) -> ModelCard:
+    """The model card of a merged student: a folder (its config.json, red_summary.json and erank.json are read),
+    a merged `PreTrainedModel`, or the student's config as a dict. Explicit arguments override what the folder
+    records; `tags` are added to the RED ones. No network.
     """
     from .constants import __version__
 
@@ -170,6 +171,8 @@ def build_model_card(student_folder_or_model: Any, *, teacher_name_or_path: str 
         red_summary = red_summary if red_summary is not None else read_summary(folder)
         erank = erank if erank is not None else _read_json(folder, ERANK_NAME)
         student_params, model_name = count_parameters(config) if config else None, model_name or folder.resolve().name
+    elif isinstance(student_folder_or_model, dict):  # a student's config (the trainer's card before any export)
+        config, student_params = student_folder_or_model, count_parameters(student_folder_or_model)
     else:
         config, student_params = student_folder_or_model.config.to_dict(), student_folder_or_model.num_parameters()
         if red_summary is None:  # recorded on the model by merge_and_unload()
@@ -200,7 +203,8 @@ def build_model_card(student_folder_or_model: Any, *, teacher_name_or_path: str 
     hub_teacher = teacher if teacher and _HUB_ID.match(teacher) and not re.search(r"\.\.|--", teacher) \
         and not os.path.exists(teacher) else None  # a local path is no base_model
     data = ModelCardData(base_model=hub_teacher, library_name="transformers", pipeline_tag="text-generation",
-                         tags=list(TAGS), datasets=datasets, model_name=model_name,
+                         tags=[*TAGS, *(t for t in tags or [] if t not in TAGS)], datasets=datasets,
+                         model_name=model_name,
                          eval_results=[_eval_result(e) for e in eval_results] if eval_results else None, red=red)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{_card_body(model_name or 'red-student', red, config)}")
 

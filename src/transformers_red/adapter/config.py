@@ -207,7 +207,12 @@ class RedAdapterConfig:
         os.replace(tmp, path)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "RedAdapterConfig":
+    def from_pretrained(cls, directory: str | os.PathLike, *, revision: str | None = None,
+                        token: str | bool | None = None) -> "RedAdapterConfig":
+        """Read `red_adapter_config.json` from a folder or a Hub repo id (downloaded through huggingface_hub)."""
+        from .remote import adapter_folder
+
+        directory = adapter_folder(directory, revision=revision, token=token)
         path = os.path.join(directory, ADAPTER_CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No {ADAPTER_CONFIG_NAME} in {directory!s}: is it a folder written by "

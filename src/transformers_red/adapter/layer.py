@@ -52,6 +52,10 @@ class RedLayer(nn.Module):
         """Parameters of the equivalent plain module of the student (names relative to this module)."""
         raise NotImplementedError
 
+    def extra_repr(self) -> str:
+        shape = "x".join(str(d) for d in self.trainable.shape)
+        return f"trainable={self.key} ({shape})"
+
 
 class RedLinear(RedLayer):
     """A teacher `nn.Linear` run through its projection P (d_T, d_S).
@@ -66,6 +70,10 @@ class RedLinear(RedLayer):
         if side not in ("input", "output"):
             raise ValueError(f"side must be 'input' or 'output', got {side!r}")
         self.side = side
+
+    def extra_repr(self) -> str:
+        d_t, d_s = self.trainable.shape
+        return f"side={self.side}, {d_t} -> {d_s}, projection={self.key}"
 
     def student_weight(self) -> torch.Tensor:
         """(out, d_S) for the input side, (d_S, in) for the output side."""

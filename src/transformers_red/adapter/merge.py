@@ -21,6 +21,11 @@ def student_config(teacher_config: Any, hidden_size: int) -> Any:
         teacher_config.hidden_size // teacher_config.num_attention_heads)
     config.hidden_size = hidden_size
     config.head_dim = head_dim
+    # the student is a plain model in the teacher's compute dtype: a GGUF or quantised teacher's loading recipe
+    # would make it claim a quantisation it does not have
+    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
     return config
 
 

@@ -24,6 +24,7 @@ from ..data import check_not_empty
 from .initialise import initial_norm_gain, initial_projection
 from .layer import RedEmbedding, RedLayer, RedLinear, RedRMSNorm, RedState
 from .merge import build_merged_model
+from .remote import adapter_folder, push_adapter
 
 
 
@@ -110,7 +111,21 @@ class RedModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+            if name in _WRONG_ON_A_WRAPPED_TEACHER:
+                raise AttributeError(f"RedModel.{name} is not available: {_WRONG_ON_A_WRAPPED_TEACHER[name]}") from None
+            # everything else is the teacher's (config, generate, device, dtype, gradient checkpointing, ...):
+            # its forward is the student's, so these act on the student
             return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped teacher (its modules are the RED wrappers; `unload()` gives back the plain teacher)."""
+        return self.base_model
+
+    def extra_repr(self) -> str:
+        config = self.red_config
+        return (f"model_type={config.model_type}, d_T={self.teacher_hidden_size} -> d_S={self.student_hidden_size}, "
+                f"init={config.init}, norm_init={config.norm_init}, share_projections={config.share_projections}, "
+                f"tied_embeddings={self.layout.tied}")
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -220,9 +235,21 @@ class RedModel(nn.Module):
         os.replace(path + ".tmp", path)
         self.red_config.save_pretrained(save_directory)
 
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None,
+                    revision: str | None = None, commit_message: str = "Upload RED adapter", api: Any = None) -> str:
+        """Upload the adapter (config with the selected channels and teacher fingerprint, safetensors projections
+        and norm gains, a short card saying which teacher it needs): never the teacher's weights. Returns the
+        commit URL. To publish the merged student instead: `transformers_red.push_compressed(red, repo, merge=True)`.
+        """
+        return push_adapter(self, repo_id, private=private, token=token, revision=revision,
+                            commit_message=commit_message, api=api)
+
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, is_trainable: bool = True) -> "RedModel":
-        """Rebuild a RedModel from its teacher and a folder written by `save_pretrained`."""
+    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, is_trainable: bool = True, *,
+                        revision: str | None = None, token: str | bool | None = None) -> "RedModel":
+        """Rebuild a RedModel from its teacher and an adapter: a folder written by `save_pretrained`, or a Hub repo
+        id written by `push_to_hub` (downloaded through huggingface_hub; offline mode and the cache respected)."""
+        path = adapter_folder(path, revision=revision, token=token)
         config = RedAdapterConfig.from_pretrained(path)
         weights = os.path.join(path, ADAPTER_WEIGHTS_NAME)
         if not os.path.isfile(weights):
@@ -244,6 +271,21 @@ class RedModel(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*self.red_projections.values(), *self.red_norms.values()]
+
+
+# Teacher methods that would do the wrong thing on a wrapped model -> what to call instead
+_WRONG_ON_A_WRAPPED_TEACHER = {
+    "resize_token_embeddings": "the projections are sized to the teacher's vocabulary and width; resize the "
+                               "teacher before get_red_model.",
+    "load_adapter": "RED wraps the teacher itself; a transformers/PEFT adapter cannot be added on top. Load a "
+                    "RED adapter with RedModel.from_pretrained(teacher, path_or_repo).",
+    "add_adapter": "RED wraps the teacher itself; merge first (merge_and_unload()) and add adapters to the student.",
+    "set_adapter": "a RedModel has one adapter; use disable_adapter() for the teacher pass.",
+    "enable_adapters": "a RedModel's adapter is always on; use disable_adapter() (a context) for the teacher pass.",
+    "disable_adapters": "use disable_adapter() (a context manager) for the exact teacher forward.",
+    "merge_adapter": "use merge_and_unload(), which returns the plain student.",
+    "unmerge_adapter": "the adapter is never merged in place; merge_and_unload() returns a new model.",
+}
 
 
 def get_red_model(model: nn.Module, config: RedAdapterConfig, calibration_data: Any = None, tokenizer: Any = None,

@@ -40,6 +40,8 @@ def run_distill(argv: Sequence[str] | None = None) -> Any:
 
     parser = TrlParser((DistillScriptArguments, RedConfig), prog="transformers-red distill")
     script, config = parser.parse_args_and_config(args=argv)
+    if not any(str(a).lstrip("-").replace("-", "_").startswith("keep_freed_cpu_memory") for a in argv or []):
+        config.keep_freed_cpu_memory = True  # this process is the command's: see RedConfig.keep_freed_cpu_memory
     if config.teacher_model_name_or_path is None:
         raise SystemExit("error: --teacher_model_name_or_path is required (a local folder, or 'smollm2').")
     try:

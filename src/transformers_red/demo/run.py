@@ -70,7 +70,7 @@ def distil_variant(variant: Variant, *, teacher_dir: str | None, train_data: dic
     """
     teacher, tokenizer = load_reasoning_teacher(teacher_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        args = RedConfig(output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size,
+        args = RedConfig(keep_freed_cpu_memory=True, output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size,
                          learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
                          temperature=variant.temperature, init=variant.init, width_ratio=width_ratio, seed=seed,
                          max_length=128, report_to=[], save_strategy="no", logging_steps=max(1, steps // 10),

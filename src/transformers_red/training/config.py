@@ -80,9 +80,11 @@ class RedConfig(SFTConfig):
     loss_chunk_size: int = field(default=1024, metadata={
         "help": "Tokens per chunk of the logit losses (bounds float32 (chunk, V) temporaries)."})
     disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the teacher and student."})
-    keep_freed_cpu_memory: bool = field(default=True, metadata={
+    keep_freed_cpu_memory: bool = field(default=False, metadata={
         "help": "When training on CPU with glibc, keep freed memory in the process instead of returning it to "
-                "the OS after every step (mallopt; process-wide): removes GiBs of page faults per step."})
+                "the OS after every step (mallopt): removes GiBs of page faults per step, but changes the whole "
+                "process's allocator, so a library leaves it off unless asked. The CLI, demo and benchmarks, "
+                "which own their process, turn it on."})
 
     # eRank monitoring
     erank_steps: int = field(default=0, metadata={

@@ -29,6 +29,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from ..adapter.architectures import RESIDUAL_TERMS
 from ..adapter.calibrate import materialise_batches
+from ..adapter.merge import student_config
 from ..adapter.model import RedModel, get_red_model
 from ..constants import (ADAPTER_WEIGHTS_NAME, EXPORT_INCOMPLETE_NAME, LEGACY_SUMMARY_NAME, PAPER_CITATION,
                          PAPER_ID, PAPER_TITLE, STUDENT_SUMMARY_NAME, STUDENT_WEIGHTS_NAME, TAGS)
@@ -105,6 +106,7 @@ class RedDistillationTrainer(SFTTrainer):
         self._adapter_config = model.red_config
         self._clone = self._build_clone_loss(model, args, calibration, processing_class)
         self._trains_weights = args.train == "weights"
+        self._teacher_config = (teacher_model if teacher_model is not None else model.base_model).config
         self._run_identity = run_identity(args, model.red_config, teacher_weights_digest(
             teacher_model if teacher_model is not None else model.base_model))
         if self._trains_weights:
@@ -436,9 +438,13 @@ class RedDistillationTrainer(SFTTrainer):
         if revision is not None or not blocking:
             raise ValueError("RedDistillationTrainer.push_to_hub uploads the merged student to the main branch and "
                              "waits for it; for anything else call transformers_red.hub.push_compressed.")
-        for key in ("model_name", "tags", "finetuned_from", "language", "license", "tasks", "dataset_tags",
-                    "dataset_args", "dataset"):
-            kwargs.pop(key, None)  # Trainer.create_model_card arguments: the RED card is built instead
+        dataset_name = kwargs.pop("dataset_name", None) or kwargs.pop("dataset", None)
+        if dataset_name and "datasets" not in kwargs:  # TRL's scripts: trainer.push_to_hub(dataset_name=...)
+            kwargs["datasets"] = [dataset_name] if isinstance(dataset_name, str) else list(dataset_name)
+        if kwargs.get("tags") is not None:
+            kwargs["tags"] = [kwargs["tags"]] if isinstance(kwargs["tags"], str) else list(kwargs["tags"])
+        for key in ("model_name", "finetuned_from", "language", "license", "tasks", "dataset_tags", "dataset_args"):
+            kwargs.pop(key, None)  # the repo id names the model; the RED card says what it was made from
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         if not self.args.should_save:
             return None
@@ -448,6 +454,26 @@ class RedDistillationTrainer(SFTTrainer):
             return push_compressed(tmp, repo_id, token=token if token is not None else self.args.hub_token,
                                    private=bool(self.args.hub_private_repo if private is None else private),
                                    commit_message=commit_message or "End of training", **kwargs)
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None, **kwargs: Any) -> None:
+        """Write the RED card (teacher, widths, init, loss settings, steps, tokens, eRank) as README.md in
+        `output_dir`, in place of TRL's generic card (which TRL writes at every checkpoint)."""
+        if not self.is_world_process_zero():
+            return
+        from ..hub import build_model_card
+
+        config = student_config(self._teacher_config, self._adapter_config.student_hidden_size).to_dict()
+        erank = None
+        if self._erank_callback is not None and self._erank_callback.teacher is not None:
+            erank = {"teacher": self._erank_callback.teacher, "history": self._erank_callback.history}
+        card = build_model_card(config, red_summary=self.red_summary(), erank=erank,
+                                datasets=[dataset_name] if isinstance(dataset_name, str) else dataset_name,
+                                tags=[tags] if isinstance(tags, str) else tags,
+                                model_name=model_name or self.args.hub_model_id or
+                                os.path.basename(os.path.abspath(self.args.output_dir)))
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         if resume_from_checkpoint is True:
