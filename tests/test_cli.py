@@ -127,3 +127,11 @@ def test_an_unsupported_teacher_gets_the_supported_list_in_every_command(tmp_pat
             main(command)
         err = capsys.readouterr().err
         assert stop.value.code == 2 and "'gpt2' is not supported" in err and "Traceback" not in err, err
+
+
+def test_distill_dataset_name_may_be_a_hub_id_and_offline_says_so(tmp_path, teacher_dir, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["distill", "--teacher_model_name_or_path", str(teacher_dir), "--dataset_name", "someone/nowhere",
+              "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Cannot load --dataset_name 'someone/nowhere'" in err and "Offline" in err

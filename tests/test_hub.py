@@ -525,3 +525,46 @@ def test_trainer_writes_the_red_card_and_pushes_with_trls_arguments(hub, tmp_pat
     assert "training_args.bin" not in files and "model.safetensors" in files
     student = AutoModelForCausalLM.from_pretrained("user/trained")
     assert student.config.hidden_size == 32
+
+
+@pytest.mark.parametrize("strategy", ["every_save", "all_checkpoints"])
+def test_push_to_hub_true_publishes_checkpoints_and_the_student(hub, tmp_path, monkeypatch, strategy):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    args = RedConfig(output_dir=str(tmp_path / "run"), max_steps=2, save_strategy="steps", save_steps=1,
+                     per_device_train_batch_size=4, max_length=48, report_to=[], use_cpu=True, learning_rate=1e-2,
+                     calibration_num_samples=8, disable_tqdm=True, push_to_hub=True, hub_model_id="user/auto",
+                     hub_strategy=strategy)
+    trainer = RedDistillationTrainer(model=tiny_teacher("llama"), args=args, processing_class=byte_tokenizer(),
+                                     train_dataset=datasets.Dataset.from_dict({"text": builtin_texts(32)}))
+    trainer.train()
+    files = set(hub.files("user/auto"))
+    folder = "last-checkpoint" if strategy == "every_save" else "checkpoint-2"
+    assert {f"{folder}/red_adapter_model.safetensors", f"{folder}/red_adapter_config.json",
+            f"{folder}/red_run.json"} <= files
+    assert not any(f.endswith("training_args.bin") or f.endswith("optimizer.pt") for f in files) or \
+        strategy != "every_save"
+    assert not any(f.endswith("training_args.bin") for f in files)
+    trainer.save_model()  # with push_to_hub=True: the merged student and the RED card at the top level
+    files = set(hub.files("user/auto"))
+    assert {"model.safetensors", "config.json", "README.md", "red_summary.json"} <= files
+    assert AutoModelForCausalLM.from_pretrained("user/auto").config.hidden_size == 32
+    assert red_block(ModelCard.load("user/auto"))["global_step"] == 2
+
+
+def test_cli_distill_push_to_hub_publishes_the_student(hub, tmp_path, monkeypatch):
+    from transformers_red.commands import main
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    teacher = tmp_path / "teacher"
+    tiny_teacher("llama").save_pretrained(teacher)
+    byte_tokenizer().save_pretrained(teacher)
+    data = tmp_path / "train.txt"
+    data.write_text("\n\n".join(builtin_texts(24)))
+    main(["distill", "--teacher_model_name_or_path", str(teacher), "--dataset_path", str(data),
+          "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "4",
+          "--max_length", "32", "--report_to", "none", "--use_cpu", "true", "--calibration_num_samples", "4",
+          "--save_strategy", "no", "--disable_tqdm", "true", "--push_to_hub", "true", "--hub_model_id", "user/cli"])
+    files = set(hub.files("user/cli"))
+    assert {"model.safetensors", "config.json", "README.md", "red_summary.json"} <= files
+    assert "training_args.bin" not in files
+    assert AutoModelForCausalLM.from_pretrained("user/cli").config.hidden_size == 32

@@ -118,7 +118,13 @@ def load_text_dataset(path: str | None = None, name: str | None = None, *, num_s
         texts = builtin_texts(num_samples)
     elif name.startswith("reasoning-gym:"):
         texts = reasoning_texts(num_samples, seed=seed, task=name.split(":", 1)[1])
-    else:
-        raise LoadError(f"Unknown --dataset_name {name!r}; use 'builtin' or 'reasoning-gym:<task>', or "
-                        "--dataset_path for a local file.")
+    else:  # a Hub dataset id ("user/name" or "name:config"); HF_DATASETS_OFFLINE and the cache are respected
+        repo, _, config = name.partition(":")
+        try:
+            dataset = datasets.load_dataset(repo, config or None, split="train")
+        except Exception as err:  # not found, offline and not cached, no access
+            raise LoadError(f"Cannot load --dataset_name {name!r} from the Hub or its cache ({type(err).__name__}: "
+                            f"{err}). Offline, only cached datasets load; else use 'builtin', "
+                            "'reasoning-gym:<task>' or --dataset_path for a local file.") from err
+        return dataset.select(range(min(len(dataset), num_samples)))
     return datasets.Dataset.from_dict({text_field: texts})

@@ -31,12 +31,13 @@ from ..adapter.architectures import RESIDUAL_TERMS
 from ..adapter.calibrate import materialise_batches
 from ..adapter.merge import student_config
 from ..adapter.model import RedModel, get_red_model
-from ..constants import (ADAPTER_WEIGHTS_NAME, EXPORT_INCOMPLETE_NAME, LEGACY_SUMMARY_NAME, PAPER_CITATION,
-                         PAPER_ID, PAPER_TITLE, STUDENT_SUMMARY_NAME, STUDENT_WEIGHTS_NAME, TAGS)
+from ..constants import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ERANK_NAME, EXPORT_INCOMPLETE_NAME,
+                         LEGACY_SUMMARY_NAME, PAPER_CITATION, PAPER_ID, PAPER_TITLE, STUDENT_SUMMARY_NAME,
+                         STUDENT_WEIGHTS_NAME, TAGS)
 from ..data import position_ids_from_mask
 from ..loading import load_model
 from .callbacks import ERankCallback
-from .checkpoints import (checkpoint_problem, last_complete_checkpoint, read_run_state, run_identity,
+from .checkpoints import (RUN_STATE_NAME, checkpoint_problem, last_complete_checkpoint, read_run_state, run_identity,
                           teacher_weights_digest, write_run_state)
 from .clone import CloneLoss, capture_outputs, clone_sites
 from .config import RedConfig
@@ -185,7 +186,9 @@ class RedDistillationTrainer(SFTTrainer):
             calibration = None
         elif config.calibration_source is None or source != "calibration_dataset":
             config.calibration_source = source
-        return get_red_model(teacher, config, calibration, tokenizer)
+        # the progress bar follows disable_tqdm, and only the main process draws one
+        return get_red_model(teacher, config, calibration, tokenizer,
+                             show_progress_bar=not args.disable_tqdm and args.process_index == 0)
 
     @staticmethod
     def _build_clone_loss(red: RedModel, args: RedConfig, calibration: Any, tokenizer: Any) -> CloneLoss | None:
@@ -346,6 +349,8 @@ class RedDistillationTrainer(SFTTrainer):
             shutil.rmtree(final, ignore_errors=True)
             os.replace(os.path.join(staging, name), final)
             shutil.rmtree(staging, ignore_errors=True)
+            if self.args.push_to_hub:
+                self._push_checkpoint(final)
             for attr in ("best_model_checkpoint",):
                 value = getattr(self.state, attr)
                 if value and value.startswith(staging):
@@ -354,6 +359,33 @@ class RedDistillationTrainer(SFTTrainer):
 
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Trainer's per-save push would upload `output_dir` (tokenizer, `training_args.bin`, TRL's card) from the
+        staging folder; RED pushes the finished checkpoint itself (`_push_checkpoint`), after the rename."""
+
+    def _push_checkpoint(self, folder: str) -> None:
+        """`hub_strategy` as Trainer reads it, with RED's files: every_save and checkpoint push the checkpoint into
+        `last-checkpoint/` (every_save: the adapter only; checkpoint: everything a resume needs), all_checkpoints
+        into `checkpoint-N/`, end nothing. Never `training_args.bin` (it pickles the token). A failed upload is
+        logged and training goes on: the local checkpoint is intact."""
+        strategy = str(getattr(self.args.hub_strategy, "value", self.args.hub_strategy))
+        if strategy == "end" or not self.is_world_process_zero():
+            return
+        from huggingface_hub import HfApi
+
+        adapter = [ADAPTER_CONFIG_NAME, STUDENT_WEIGHTS_NAME if self._trains_weights else ADAPTER_WEIGHTS_NAME,
+                   RUN_STATE_NAME, ERANK_NAME]
+        files = adapter if strategy == "every_save" else [*adapter, "trainer_state.json", "optimizer.pt",
+                                                          "scheduler.pt", "rng_state*.pth"]
+        target = os.path.basename(folder) if strategy == "all_checkpoints" else "last-checkpoint"
+        try:
+            HfApi(token=self.args.hub_token).upload_folder(
+                repo_id=self.hub_model_id, folder_path=folder, path_in_repo=target, allow_patterns=files,
+                commit_message=f"Training in progress, step {self.state.global_step}", revision=self.args.hub_revision)
+        except Exception as err:  # the Hub's answer: training goes on, the checkpoint is on disk
+            logger.warning("Pushing %s to %s failed (%s: %s); the local checkpoint is intact.", folder,
+                           self.hub_model_id, type(err).__name__, err)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Checkpoint: the adapter state (projections, norm gains, config with the selected channels)."""
@@ -375,6 +407,8 @@ class RedDistillationTrainer(SFTTrainer):
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
             self.export_student(output_dir)
+        if self.args.push_to_hub:  # as Trainer.save_model does: the merged student, with the RED card
+            self.push_to_hub(commit_message="Model save")
 
     def export_student(self, output_dir: str) -> Any:
         """Merge and write a plain student (safetensors, config, generation config, tokenizer) plus
@@ -448,7 +482,8 @@ class RedDistillationTrainer(SFTTrainer):
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         if not self.args.should_save:
             return None
-        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id or os.path.basename(
+            os.path.abspath(self.args.output_dir))
         with tempfile.TemporaryDirectory(prefix="red-student-") as tmp:
             self.export_student(tmp)
             return push_compressed(tmp, repo_id, token=token if token is not None else self.args.hub_token,
