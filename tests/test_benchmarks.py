@@ -91,3 +91,10 @@ def test_collapse_alarm_separation_counts_and_threshold_choice():
     assert bench.alarm_separation(step0_only, "mean", 0.5)["fp"] == 0
     text = bench.format_alarms(runs, 0.5)
     assert "| mean eRank / teacher | 0.50 | 1 | 0 | 1 | 2 | 0.75 |" in text
+
+
+def test_loss_memory_benchmark_runs(capsys):
+    bench = load_benchmark("loss_memory")
+    assert bench.main(["--lengths", "8", "--vocab", "300", "--width", "8", "--chunk", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "| logits | 2 x 8 |" in table and "| hidden_states | 2 x 8 |" in table

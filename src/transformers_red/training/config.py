@@ -77,6 +77,10 @@ class RedConfig(SFTConfig):
         "help": "'teacher_mean_square': each module's clone MSE divided by its target's mean square on the "
                 "calibration texts, averaged over layers (scale-free; default). 'none': the paper's plain MSE "
                 "summed over layers."})
+    logit_loss_from: str = field(default="logits", metadata={
+        "help": "'logits': the losses from the models' (B, T, V) logits (fused, one extra (B, T, V) gradient "
+                "buffer); 'hidden_states': from the final hidden states and head weights, loss_chunk_size trained "
+                "tokens at a time, so no (B, T, V) tensor is held (large vocabularies; one process for now)."})
     loss_chunk_size: int = field(default=1024, metadata={
         "help": "Tokens per chunk of the logit losses (bounds float32 (chunk, V) temporaries)."})
     disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the teacher and student."})
@@ -127,6 +131,8 @@ class RedConfig(SFTConfig):
                             f"{self.clone_normalization!r}")
         if self.train not in TRAIN_TARGETS:
             problems.append(f"train must be one of {list(TRAIN_TARGETS)}, got {self.train!r}")
+        if self.logit_loss_from not in ("logits", "hidden_states"):
+            problems.append(f"logit_loss_from must be 'logits' or 'hidden_states', got {self.logit_loss_from!r}")
         if self.loss_chunk_size <= 0:
             problems.append(f"loss_chunk_size must be > 0, got {self.loss_chunk_size}")
         if self.erank_steps < 0 or self.erank_num_samples <= 0:

@@ -316,3 +316,79 @@ def fused_logit_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         return _FusedLogitLoss.apply(student, teacher, targets, options)
     sums = _fused_chunks(student, teacher, targets, grad=None, **options)
     return kd_weight * sums[0] + ce_weight * sums[1], sums
+
+
+def _capped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+class _HiddenStateLogitLoss(torch.autograd.Function):
+    """The logit losses from final hidden states and head weights, chunk by chunk over trained tokens: the loss
+    and its gradients w.r.t. the student's hidden states and head are computed in the forward; only (chunk, V)
+    logits ever exist."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_head, t_hidden, t_head, targets, options):
+        caps = options.pop("softcap"), options.pop("teacher_softcap")
+        rows = (targets != IGNORE_INDEX).nonzero()[:, 0]
+        chunk = options["chunk_size"]
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros(s_hidden.shape, dtype=torch.float32, device=s_hidden.device) if want_grad else None
+        grad_head = torch.zeros(s_head.shape, dtype=torch.float32, device=s_head.device) if want_grad else None
+        sums = torch.zeros(3, device=s_hidden.device)
+        for start in range(0, rows.numel(), chunk):
+            idx = rows[start:start + chunk]
+            h = s_hidden[idx]
+            s = _capped(h @ s_head.T, caps[0])  # (n, V)
+            t = _capped(t_hidden[idx] @ t_head.T, caps[1])
+            g = torch.empty(s.shape, dtype=torch.float32, device=s.device) if want_grad else None
+            sums += _fused_chunks(s, t, targets[idx], grad=g, **options)
+            if want_grad:
+                if caps[0] is not None:  # d cap*tanh(z/cap) / dz = 1 - tanh^2
+                    g.mul_(1 - (s.float() / caps[0]) ** 2)
+                grad_hidden[idx] = g @ s_head.float()
+                grad_head.addmm_(g.T, h.float())
+        ctx.save_for_backward(grad_hidden, grad_head)
+        ctx.dtypes = s_hidden.dtype, s_head.dtype
+        ctx.mark_non_differentiable(sums)
+        return options["kd_weight"] * sums[0] + options["ce_weight"] * sums[1], sums
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_sums):
+        grad_hidden, grad_head = ctx.saved_tensors
+        scale = grad_total.float()
+        hidden_dtype, head_dtype = ctx.dtypes
+        return ((grad_hidden * scale).to(hidden_dtype) if grad_hidden is not None else None,
+                (grad_head * scale).to(head_dtype) if grad_head is not None else None, None, None, None, None)
+
+
+def hidden_state_logit_loss(student_hidden: torch.Tensor, student_head: torch.Tensor, teacher_hidden: torch.Tensor,
+                            teacher_head: torch.Tensor, labels: torch.Tensor, *, kd_weight: float = 1.0,
+                            ce_weight: float = 1.0, beta: float = 0.0, temperature: float = 1.0,
+                            chunk_size: int = 1024, softcap: float | None = None,
+                            teacher_softcap: float | None = None, workspace: LogitLossWorkspace | None = None,
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fused_logit_loss` computed from final hidden states and LM-head weights, without any (B, T, V) tensor.
+
+    Only trained tokens (labels not -100 at t + 1) are turned into logits, `chunk_size` at a time; peak extra
+    memory is a few (chunk, V) float32 temporaries plus the gradients of the hidden states and the head.
+
+    Args:
+        student_hidden: (B, T, d_S) final hidden states (after the final norm) of the student.
+        student_head: (V, d_S) the student's LM-head weight (for a RED student W_T @ P, so P gets its gradient).
+        teacher_hidden: (B, T, d_T); teacher_head: (V, d_T). No gradient flows to them.
+        labels: (B, T); position t predicts labels[:, t + 1].
+        softcap / teacher_softcap: the models' tanh logit soft cap (Gemma 2's `final_logit_softcapping`).
+    Returns:
+        total: () float32, differentiable w.r.t. student_hidden and student_head (one backward pass).
+        sums: (3,) float32 [kd_sum, ce_sum, teacher_ce_sum], detached.
+    """
+    if student_head.shape[0] != teacher_head.shape[0]:
+        raise ValueError(f"Student and teacher vocabularies differ ({student_head.shape[0]} vs {teacher_head.shape[0]}).")
+    options = dict(beta=beta, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
+                   chunk_size=chunk_size, workspace=workspace or LogitLossWorkspace(), softcap=softcap,
+                   teacher_softcap=teacher_softcap)
+    s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    targets = shift_labels(labels).reshape(-1)
+    return _HiddenStateLogitLoss.apply(s_hidden, student_head, t_hidden, teacher_head.detach(), targets, options)

@@ -42,7 +42,8 @@ from .checkpoints import (RUN_STATE_NAME, checkpoint_problem, last_complete_chec
 from .clone import CloneLoss, capture_outputs, clone_sites
 from .config import RedConfig
 from .cpu_memory import keep_freed_cpu_memory
-from .losses import IGNORE_INDEX, LogitLossWorkspace, fused_logit_loss, generalized_jsd_loss, shift_labels
+from .losses import (IGNORE_INDEX, LogitLossWorkspace, fused_logit_loss, generalized_jsd_loss,
+                     hidden_state_logit_loss, shift_labels)
 
 logger = logging.getLogger(__name__)
 _LOW_DISK_BYTES = 256 * 2**20  # a failed save with less free space than this is reported as a full disk
@@ -133,6 +134,9 @@ class RedDistillationTrainer(SFTTrainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks, **kwargs)
         self.model_accepts_loss_kwargs = True  # so Trainer counts num_items_in_batch for our loss
+        if args.logit_loss_from == "hidden_states" and self.accelerator.num_processes > 1:
+            raise ValueError("logit_loss_from='hidden_states' calls the decoder directly, past the DDP/FSDP wrapper: "
+                             "it runs on one process for now; use 'logits' with several processes.")
         on_cpu = self.args.device.type == "cpu"
         if args.keep_freed_cpu_memory and on_cpu:
             keep_freed_cpu_memory()
@@ -269,6 +273,20 @@ class RedDistillationTrainer(SFTTrainer):
                 with capture_outputs(self.accelerator.unwrap_model(self.teacher_model), self._clone_names) as acts:
                     yield self.teacher_model, acts
 
+    def _final_hidden_and_head(self, model: Any, inputs: dict, student: bool
+                               ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        """(final hidden states (B, T, d), LM-head weight (V, d), logit soft cap) of one pass, without logits: the
+        decoder's forward, then the head's weight (a RED head's student weight W_T @ P in the student pass)."""
+        inner = self.accelerator.unwrap_model(model)
+        hf_model = inner.base_model if isinstance(inner, RedModel) else inner
+        hidden = hf_model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        head = hf_model.get_output_embeddings()
+        if getattr(head, "bias", None) is not None or getattr(getattr(head, "base_layer", None), "bias", None) is not None:
+            raise ValueError("logit_loss_from='hidden_states' needs an LM head without a bias; use 'logits'.")
+        weight = head.student_weight() if student and hasattr(head, "student_weight") else getattr(
+            head, "base_layer", head).weight
+        return hidden, weight, getattr(hf_model.config, "final_logit_softcapping", None)
+
     def _student_capture(self, model: Any):
         if self._trains_weights:
             return capture_outputs(self.accelerator.unwrap_model(model), self._clone_names)
@@ -280,15 +298,23 @@ class RedDistillationTrainer(SFTTrainer):
         args = self.args
         labels = inputs["labels"]
         forward_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
-        with self._teacher_pass() as (teacher, teacher_acts):
-            teacher_logits = teacher(**forward_inputs, use_cache=False).logits
-        with self._student_capture(model) as student_acts:
-            outputs = model(**forward_inputs, use_cache=False)
-        logit_loss, (kd, ce, teacher_ce) = fused_logit_loss(
-            outputs.logits, teacher_logits, labels, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
-            beta=args.beta, temperature=args.temperature, chunk_size=args.loss_chunk_size,
-            workspace=self._loss_workspace)
-        del teacher_logits
+        losses = dict(kd_weight=args.kd_weight, ce_weight=args.ce_weight, beta=args.beta,
+                      temperature=args.temperature, chunk_size=args.loss_chunk_size, workspace=self._loss_workspace)
+        if args.logit_loss_from == "hidden_states" and not return_outputs:
+            with self._teacher_pass() as (teacher, teacher_acts):
+                t_hidden, t_head, t_cap = self._final_hidden_and_head(teacher, forward_inputs, student=False)
+            with self._student_capture(model) as student_acts:
+                s_hidden, s_head, s_cap = self._final_hidden_and_head(model, forward_inputs, student=True)
+            logit_loss, (kd, ce, teacher_ce) = hidden_state_logit_loss(
+                s_hidden, s_head, t_hidden, t_head, labels, softcap=s_cap, teacher_softcap=t_cap, **losses)
+            outputs = None
+        else:
+            with self._teacher_pass() as (teacher, teacher_acts):
+                teacher_logits = teacher(**forward_inputs, use_cache=False).logits
+            with self._student_capture(model) as student_acts:
+                outputs = model(**forward_inputs, use_cache=False)
+            logit_loss, (kd, ce, teacher_ce) = fused_logit_loss(outputs.logits, teacher_logits, labels, **losses)
+            del teacher_logits
         token_mask = shift_labels(labels) != IGNORE_INDEX
         clone = self._clone.sums(student_acts, teacher_acts, token_mask) if self._clone is not None else {}
         clone_total = sum(clone.values()) if clone else ce.new_zeros(())
