@@ -103,3 +103,8 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tokenizer):
                                      processing_class=tokenizer)
     with pytest.raises(ValueError, match="No complete checkpoint"):
         trainer.train(resume_from_checkpoint=True)
+
+
+def test_ddp_does_not_search_for_unused_parameters_by_default(tmp_path):
+    assert args(tmp_path).ddp_find_unused_parameters is False
+    assert args(tmp_path, ddp_find_unused_parameters=True).ddp_find_unused_parameters is True

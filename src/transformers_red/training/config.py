@@ -100,6 +100,10 @@ class RedConfig(SFTConfig):
     def __post_init__(self) -> None:
         if self.bf16 is None:
             self.bf16 = (not self.fp16) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if self.ddp_find_unused_parameters is None:
+            # every projection and gain is used in every forward; Trainer would search for unused ones on every
+            # step because a RedModel is not a PreTrainedModel
+            self.ddp_find_unused_parameters = False
         super().__post_init__()
         if isinstance(self.clone_terms, str):
             self.clone_terms = [self.clone_terms]
