@@ -11,7 +11,8 @@ import pytest
 from testing_utils import make_red_trainer
 
 from transformers_red.resources import builtin_texts, tiny_teacher
-from transformers_red.training.checkpoints import RUN_STATE_NAME, last_complete_checkpoint, teacher_weights_digest
+from transformers_red.adapter.config import teacher_weights_digest
+from transformers_red.training.checkpoints import RUN_STATE_NAME, last_complete_checkpoint
 
 SAVE = dict(save_strategy="steps", save_steps=2, max_steps=4)
 

@@ -16,10 +16,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token, is_offline_mode
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, is_offline_mode
 from huggingface_hub.utils import validate_repo_id
 
 from .adapter.model import RedModel
+from .adapter.remote import HUB_ID, file_contains, upload_token
 from .constants import (ADAPTER_WEIGHTS_NAME, CARD_ERANK_NAME, ERANK_NAME, EXPORT_INCOMPLETE_NAME, LEGACY_SUMMARY_NAME, PAPER_CITATION,
                         PAPER_ID, STUDENT_SUMMARY_NAME, TAGS)
 
@@ -33,9 +34,7 @@ _PUBLISHED = re.compile(r"^(config\.json|generation_config\.json|model\.safetens
                         r"|model\.safetensors\.index\.json|tokenizer\.json|tokenizer_config\.json"
                         r"|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|tokenizer\.model"
                         r"|spiece\.model|chat_template\.(jinja|json)|red_summary\.json|red_config\.json|erank\.json)$")
-_SCAN_CHUNK = 1 << 24
 _STALE_WEIGHTS = ["model*.safetensors", "model.safetensors.index.json"]  # remote weights the upload replaces
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class HubPushError(RuntimeError):
@@ -200,7 +199,7 @@ def build_model_card(student_folder_or_model: Any, *, teacher_name_or_path: str 
            "library": "transformers_red", "library_version": library_version or __version__}
     if not red_summary:
         red["recorded"] = False  # pushed with allow_plain_model: no RED summary says how this model was made
-    hub_teacher = teacher if teacher and _HUB_ID.match(teacher) and not re.search(r"\.\.|--", teacher) \
+    hub_teacher = teacher if teacher and HUB_ID.match(teacher) and not re.search(r"\.\.|--", teacher) \
         and not os.path.exists(teacher) else None  # a local path is no base_model
     data = ModelCardData(base_model=hub_teacher, library_name="transformers", pipeline_tag="text-generation",
                          tags=[*TAGS, *(t for t in tags or [] if t not in TAGS)], datasets=datasets,
@@ -255,22 +254,6 @@ transformers-red eval {name} --tasks gsm8k
 """
 
 
-def _push_token(token: str | None, api: HfApi | None) -> str | None:
-    """The token the upload will use: the argument, else the client's, else HF_TOKEN or the stored login."""
-    return token or getattr(api, "token", None) or get_token()
-
-
-def _contains(path: Path, secret: bytes) -> bool:
-    """Whether the file holds `secret`, read in chunks (any size, any format: weights and binaries too)."""
-    tail = b""
-    with open(path, "rb") as f:
-        while chunk := f.read(_SCAN_CHUNK):
-            if secret in tail + chunk:
-                return True
-            tail = chunk[-(len(secret) - 1):] if len(secret) > 1 else b""
-    return False
-
-
 def _stage(folder: Path, staging: Path) -> list[str]:
     """Hard-link (or copy) the folder's publishable files into `staging`; return the names left out.
 
@@ -299,7 +282,7 @@ def _check_no_token(staging: Path, token: str | None, folder: Path) -> None:
     if not token:
         return
     for entry in sorted(staging.iterdir()):
-        if _contains(entry, token.encode()):
+        if file_contains(entry, token.encode()):
             source = folder / entry.name if (folder / entry.name).exists() else entry.name
             raise ValueError(f"{source} contains the Hub token that this push would use; remove it from the file "
                              "before pushing (nothing was uploaded).")
@@ -353,7 +336,7 @@ def push_compressed(model_or_folder: Any, repo_id: str, api: HfApi | None = None
         erank = card_kwargs.get("erank") or _read_json(folder, ERANK_NAME)
         if erank:
             write_erank_file(erank, staging, (card.data.red["erank"] or {}).get("measured_on"))
-        _check_no_token(staging, _push_token(token, api), folder)
+        _check_no_token(staging, upload_token(token, api), folder)
         api = api or HfApi(token=token)
         logger.info("Pushing %s to %s on %s", folder, repo_id, api.endpoint)
         try:

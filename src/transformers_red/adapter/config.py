@@ -189,8 +189,16 @@ class RedAdapterConfig:
         resolved.model_type, resolved.teacher_hidden_size, resolved.student_hidden_size = model_type, d_t, d_s
         resolved.target_modules = targets
         resolved.teacher_name_or_path = self.teacher_name_or_path or getattr(model, "name_or_path", None) or None
-        resolved.teacher_config_fingerprint = teacher_config_fingerprint(model.config)
-        resolved.teacher_weights_digest = teacher_weights_digest(model)
+        fingerprint, digest = teacher_config_fingerprint(model.config), teacher_weights_digest(model)
+        if self.teacher_config_fingerprint not in (None, fingerprint):
+            raise ValueError(f"This adapter was made for another teacher ({self.teacher_name_or_path!r}, config "
+                             f"fingerprint {self.teacher_config_fingerprint}); this teacher's fingerprint is "
+                             f"{fingerprint}. Load it onto the teacher it was trained from.")
+        if self.teacher_weights_digest not in (None, digest):
+            raise ValueError(f"This adapter was made for a teacher with other weights (same config, "
+                             f"{self.teacher_name_or_path!r}; weights digest {self.teacher_weights_digest}): load it "
+                             "onto the teacher it was trained from.")
+        resolved.teacher_config_fingerprint, resolved.teacher_weights_digest = fingerprint, digest
         return resolved
 
     def to_dict(self) -> dict[str, Any]:

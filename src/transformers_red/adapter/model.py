@@ -18,7 +18,7 @@ from torch import nn
 
 from .architectures import find_in_layer, get_architecture, model_layout
 from .calibrate import collect_activation_stats, select_channels
-from .config import RedAdapterConfig, teacher_config_fingerprint, teacher_weights_digest
+from .config import RedAdapterConfig
 from ..constants import ADAPTER_WEIGHTS_NAME
 from ..data import check_not_empty
 from .initialise import initial_norm_gain, initial_projection
@@ -254,16 +254,7 @@ class RedModel(nn.Module):
         weights = os.path.join(path, ADAPTER_WEIGHTS_NAME)
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"No {ADAPTER_WEIGHTS_NAME} in {path!s}.")
-        fingerprint = teacher_config_fingerprint(model.config)
-        if config.teacher_config_fingerprint not in (None, fingerprint):
-            raise ValueError(f"The adapter in {path!s} was made for another teacher ({config.teacher_name_or_path!r}, "
-                             f"config fingerprint {config.teacher_config_fingerprint}); this teacher's fingerprint "
-                             f"is {fingerprint}. Load it onto the teacher it was trained from.")
-        if config.teacher_weights_digest not in (None, teacher_weights_digest(model)):
-            raise ValueError(f"The adapter in {path!s} was made for a teacher with other weights (same config, "
-                             f"{config.teacher_name_or_path!r}; weights digest {config.teacher_weights_digest}): load "
-                             "it onto the teacher it was trained from.")
-        red = get_red_model(model, config)
+        red = get_red_model(model, config)  # resolved_for checks the teacher's fingerprint and weights digest
         red.load_adapter_state_dict(load_file(weights, device=str(next(model.parameters()).device)))
         for p in red.trainable_parameters():
             p.requires_grad_(is_trainable)

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..adapter.config import teacher_weights_digest  # noqa: F401  (re-exported for the trainer)
 from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, STUDENT_WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ def read_run_state(checkpoint: str, identity: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def required_files(folder: str, trains_weights: bool) -> list[str]:
+def required_files(trains_weights: bool) -> list[str]:
     """Files a resume needs in a checkpoint folder (RNG state is per process: one at least)."""
     weights = STUDENT_WEIGHTS_NAME if trains_weights else ADAPTER_WEIGHTS_NAME
     return [weights, ADAPTER_CONFIG_NAME, RUN_STATE_NAME, "trainer_state.json", "optimizer.pt", "scheduler.pt"]
@@ -84,7 +83,7 @@ def required_files(folder: str, trains_weights: bool) -> list[str]:
 def checkpoint_problem(folder: str, trains_weights: bool) -> str | None:
     """Why `folder` cannot be resumed from (a missing, empty, truncated or unparsable file), or None."""
     names = set(os.listdir(folder))
-    for name in required_files(folder, trains_weights):
+    for name in required_files(trains_weights):
         path = os.path.join(folder, name)
         if name not in names or os.path.getsize(path) == 0:
             return f"{name} is missing or empty"

@@ -29,6 +29,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from ..adapter.architectures import RESIDUAL_TERMS
 from ..adapter.calibrate import materialise_batches
+from ..adapter.config import teacher_weights_digest
 from ..adapter.merge import student_config
 from ..adapter.model import RedModel, get_red_model
 from ..constants import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ERANK_NAME, EXPORT_INCOMPLETE_NAME,
@@ -37,8 +38,8 @@ from ..constants import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ERANK_NAME, 
 from ..data import position_ids_from_mask
 from ..loading import load_model
 from .callbacks import ERankCallback
-from .checkpoints import (RUN_STATE_NAME, checkpoint_problem, last_complete_checkpoint, read_run_state, run_identity,
-                          teacher_weights_digest, write_run_state)
+from .checkpoints import (RUN_STATE_NAME, checkpoint_problem, last_complete_checkpoint, read_run_state,
+                          required_files, run_identity, write_run_state)
 from .clone import CloneLoss, capture_outputs, clone_sites
 from .config import RedConfig
 from .cpu_memory import keep_freed_cpu_memory
@@ -108,9 +109,11 @@ class RedDistillationTrainer(SFTTrainer):
         self._adapter_config = model.red_config
         self._clone = self._build_clone_loss(model, args, calibration, processing_class)
         self._trains_weights = args.train == "weights"
-        self._teacher_config = (teacher_model if teacher_model is not None else model.base_model).config
-        self._run_identity = run_identity(args, model.red_config, teacher_weights_digest(
-            teacher_model if teacher_model is not None else model.base_model))
+        teacher = teacher_model if teacher_model is not None else model.base_model
+        self._teacher_config = teacher.config
+        # get_red_model recorded the wrapped teacher's digest; a separate teacher (or an old config) is hashed here
+        digest = model.red_config.teacher_weights_digest if teacher_model is None else None
+        self._run_identity = run_identity(args, model.red_config, digest or teacher_weights_digest(teacher))
         if self._trains_weights:
             model, teacher_model = self._prune(model, teacher_model)
         if teacher_model is not None:
@@ -400,10 +403,11 @@ class RedDistillationTrainer(SFTTrainer):
             return
         from huggingface_hub import HfApi
 
-        adapter = [ADAPTER_CONFIG_NAME, STUDENT_WEIGHTS_NAME if self._trains_weights else ADAPTER_WEIGHTS_NAME,
-                   RUN_STATE_NAME, ERANK_NAME]
-        files = adapter if strategy == "every_save" else [*adapter, "trainer_state.json", "optimizer.pt",
-                                                          "scheduler.pt", "rng_state*.pth"]
+        if strategy == "every_save":
+            files = [ADAPTER_CONFIG_NAME, STUDENT_WEIGHTS_NAME if self._trains_weights else ADAPTER_WEIGHTS_NAME,
+                     RUN_STATE_NAME, ERANK_NAME]
+        else:  # what a resume elsewhere needs
+            files = [*required_files(self._trains_weights), "rng_state*.pth", ERANK_NAME]
         target = os.path.basename(folder) if strategy == "all_checkpoints" else "last-checkpoint"
         try:
             HfApi(token=self.args.hub_token).upload_folder(
