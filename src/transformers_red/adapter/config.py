@@ -42,7 +42,8 @@ def teacher_weights_digest(model: torch.nn.Module) -> str:
     """
     digest = hashlib.sha256()
     with torch.no_grad():
-        items = sorted(model.state_dict().items())
+        # a wrapped teacher hashes as the plain one: its own tensors under their plain names, not the adapter's
+        items = sorted((k, v) for k, v in model.state_dict().items() if not k.endswith(".red_weight"))
     for name, tensor in items:
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)

@@ -1,9 +1,16 @@
 """Layers that wrap the teacher's own modules and run them at the student width.
 
-Each wrapper keeps the frozen teacher module as `base_layer` (like PEFT's LoRA layers) and looks its
-trainable projection / norm gain up in the `RedModel`'s stores, so that shared projections (tied embeddings,
-"IO" sharing) are one tensor. A shared `RedState` switches every wrapper between the student pass and the
+Each wrapper keeps the frozen teacher module as `base_layer` (like PEFT's LoRA layers) and owns the trainable
+projection / norm gain its forward uses, registered as its own parameter `red_weight`. Sharding engines need that
+rule: FSDP shards a parameter with the unit of the module that registers it, and DeepSpeed ZeRO-3 gathers a
+module's parameters in that module's forward hooks. A shared projection (tied embedding and LM head, a
+`share_projections` group) is one `nn.Parameter` registered in every wrapper that uses it, as a tied
+`lm_head.weight` is in transformers. A shared `RedState` switches every wrapper between the student pass and the
 exact teacher pass (`RedModel.disable_adapter()`), so one copy of the teacher serves both.
+
+The student pass reads `base_layer.weight` inside the wrapper's own forward (forming W_T @ P once per forward is
+cheaper than projecting every token through the full-width module): engines must treat a wrapper as one unit
+with its base layer (`RED_LAYER_CLASSES` as ZeRO-3 leaf modules; FSDP units are whole decoder layers).
 """
 
 from __future__ import annotations
@@ -23,24 +30,32 @@ class RedState:
     student: bool = True
     capture: dict[str, torch.Tensor] | None = None  # module name -> output, while capturing
     capture_names: frozenset[str] | None = None  # which modules to capture (None: all)
+    emit_weight: bool = False  # the LM head returns its weight instead of logits (`RedModel.hidden_and_head`)
 
 
 class RedLayer(nn.Module):
-    """Base of the wrappers: a frozen `base_layer`, a key into a parameter store, and the shared state."""
+    """Base of the wrappers: a frozen `base_layer`, the trainable tensor it owns, and the shared state.
 
-    def __init__(self, base_layer: nn.Module, name: str, key: str, store: nn.ParameterDict, state: RedState):
+    Args:
+        base_layer: the teacher module being wrapped (frozen).
+        name: its name in the teacher (e.g. "model.layers.0.self_attn.q_proj").
+        key: the adapter key of `red_weight` (wrappers sharing one parameter share the key).
+        red_weight: the projection (d_T, d_S) or norm gain (d_S,); the same object for every user of a shared key.
+        state: the `RedState` of the RedModel.
+    """
+
+    def __init__(self, base_layer: nn.Module, name: str, key: str, red_weight: nn.Parameter, state: RedState):
         super().__init__()
         self.base_layer = base_layer
         self.name = name
         self.key = key
-        # Plain attributes (not submodules): the stores are registered once, on the RedModel.
-        self.__dict__["_store"] = store
-        self.__dict__["_state"] = state
+        self.red_weight = red_weight
+        self.__dict__["_state"] = state  # a plain attribute: one RedState for the whole model
 
     @property
     def trainable(self) -> nn.Parameter:
         """The projection (d_T, d_S) or norm gain (d_S,) this layer trains."""
-        return self._store[self.key]
+        return self.red_weight
 
     def _record(self, output: torch.Tensor) -> torch.Tensor:
         state = self._state
@@ -64,9 +79,9 @@ class RedLinear(RedLayer):
     side="output" (o, down) writes it: W_S = P^T @ W_T, b_S = b_T @ P.
     """
 
-    def __init__(self, base_layer: nn.Linear, name: str, key: str, store: nn.ParameterDict, state: RedState,
+    def __init__(self, base_layer: nn.Linear, name: str, key: str, red_weight: nn.Parameter, state: RedState,
                  side: Literal["input", "output"]):
-        super().__init__(base_layer, name, key, store, state)
+        super().__init__(base_layer, name, key, red_weight, state)
         if side not in ("input", "output"):
             raise ValueError(f"side must be 'input' or 'output', got {side!r}")
         self.side = side
@@ -87,7 +102,15 @@ class RedLinear(RedLayer):
         return bias @ self.trainable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., d_S) in the student pass, (..., d_T) or inner width in the teacher pass."""
+        """x: (..., d_S) in the student pass, (..., d_T) or inner width in the teacher pass.
+
+        With `emit_weight` set, returns this pass's weight instead ((out, d_S) or (out, d_T)): read inside the
+        forward, so engines that gather parameters in forward hooks (ZeRO-3) have it whole."""
+        if self._state.emit_weight:
+            if self._state.student:
+                return self.student_weight()
+            weight = self.base_layer.weight
+            return weight.clone() if hasattr(weight, "ds_id") else weight  # ZeRO-3 frees it after this forward
         if not self._state.student:
             return self._record(self.base_layer(x))
         return self._record(F.linear(x, self.student_weight(), self.student_bias()))
@@ -126,3 +149,7 @@ class RedRMSNorm(RedLayer):
 
     def merged_state(self) -> dict[str, torch.Tensor]:
         return {"weight": self.trainable}
+
+
+# Modules a sharding engine must treat as one unit with their base layer (ZeRO-3 leaf modules)
+RED_LAYER_CLASSES = (RedLinear, RedEmbedding, RedRMSNorm)

@@ -36,8 +36,9 @@ def merged_state_dict(red_model: Any, progressbar: bool = False) -> dict[str, to
     state: dict[str, torch.Tensor] = {}
     for name, layer in tqdm(wrapped.items(), desc="Merging", disable=not progressbar):
         state.update({f"{name}.{k}": v.detach().clone() for k, v in layer.merged_state().items()})
+    inside_wrappers = tuple(f"{name}." for name in wrapped)  # their base layer and the tensor each owns
     for key, value in red_model.base_model.state_dict().items():
-        if ".base_layer." not in f".{key}":  # tensors of unwrapped modules (e.g. Qwen3 q_norm/k_norm)
+        if not key.startswith(inside_wrappers):  # tensors of unwrapped modules (e.g. Qwen3 q_norm/k_norm)
             state[key] = value.detach().clone()
     _fold_embedding_scale(state, red_model)
     return state

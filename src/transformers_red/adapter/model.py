@@ -55,8 +55,6 @@ class RedModel(nn.Module):
         self.red_config = config
         self.architecture = get_architecture(config.model_type)
         self.layout = model_layout(model, self.architecture)
-        self.red_projections = nn.ParameterDict()
-        self.red_norms = nn.ParameterDict()
         self._red_state = RedState()
         self._channels = None if channels is None else torch.as_tensor(channels, dtype=torch.long)
         self.teacher_hidden_size = config.teacher_hidden_size
@@ -65,29 +63,29 @@ class RedModel(nn.Module):
             p.requires_grad_(False)
         generator = torch.Generator().manual_seed(config.seed)
         targets, layout = config.target_modules, self.layout
+        created: dict[str, nn.Parameter] = {}  # key -> parameter while wrapping: shared keys get one tensor
         embedding_key = _store_key(layout.embedding)
-        self._wrap(layout.embedding, RedEmbedding, self.red_projections, embedding_key, generator)
-        self._wrap(layout.head, RedLinear, self.red_projections, embedding_key if layout.tied else None, generator,
-                   side="input")
+        self._wrap(layout.embedding, RedEmbedding, created, embedding_key, generator)
+        self._wrap(layout.head, RedLinear, created, embedding_key if layout.tied else None, generator, side="input")
         for layer in layout.layers:
             for side in ("input", "output"):
                 for short in targets[side]:
                     name = find_in_layer(model, layer, short)
                     group = self.architecture.shared_groups.get(short) if config.share_projections else None
                     key = _store_key(f"{name.rpartition('.')[0]}.{group}" if group else name)
-                    self._wrap(name, RedLinear, self.red_projections, key, generator, side=side)
+                    self._wrap(name, RedLinear, created, key, generator, side=side)
             for short in targets["norms"]:
-                self._wrap(find_in_layer(model, layer, short), RedRMSNorm, self.red_norms, None, generator)
-        self._wrap(layout.final_norm, RedRMSNorm, self.red_norms, None, generator)
+                self._wrap(find_in_layer(model, layer, short), RedRMSNorm, created, None, generator)
+        self._wrap(layout.final_norm, RedRMSNorm, created, None, generator)
 
     # ----------------------------------------------------------------------------------------- building
-    def _wrap(self, name: str, cls: type[RedLayer], store: nn.ParameterDict, key: str | None,
+    def _wrap(self, name: str, cls: type[RedLayer], created: dict[str, nn.Parameter], key: str | None,
               generator: torch.Generator, **kwargs: Any) -> None:
         base = self.base_model.get_submodule(name)
         key = key or _store_key(name)
-        if key not in store:
-            store[key] = nn.Parameter(self._initial_value(cls, base, generator))
-        _set_submodule(self.base_model, name, cls(base, name, key, store, self._red_state, **kwargs))
+        if key not in created:
+            created[key] = nn.Parameter(self._initial_value(cls, base, generator))
+        _set_submodule(self.base_model, name, cls(base, name, key, created[key], self._red_state, **kwargs))
 
     def _initial_value(self, cls: type[RedLayer], base: nn.Module, generator: torch.Generator) -> torch.Tensor:
         weight = base.weight
@@ -101,9 +99,24 @@ class RedModel(nn.Module):
         return value.to(device=weight.device, dtype=weight.dtype)
 
     # ------------------------------------------------------------------------------------------ forward
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The student forward (the teacher's under `disable_adapter()`); same signature as the teacher."""
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args: Any, red_hidden_and_head: bool = False, **kwargs: Any) -> Any:
+        """The student forward (the teacher's under `disable_adapter()`); same signature as the teacher.
+
+        `red_hidden_and_head=True` returns `(last hidden states (B, T, d), LM-head weight (V, d))` of this pass
+        instead of logits, for losses that never form (B, T, V) (`logit_loss_from="hidden_states"`). It is a
+        forward argument, not a separate method, so it runs through DDP/FSDP/DeepSpeed wrappers and their hooks.
+        """
+        if not red_hidden_and_head:
+            return self.base_model(*args, **kwargs)
+        hidden = self.base_model.get_decoder()(*args, **kwargs).last_hidden_state
+        head = self.base_model.get_output_embeddings()
+        state = self._red_state
+        state.emit_weight = True
+        try:
+            weight = head(hidden)
+        finally:
+            state.emit_weight = False
+        return hidden, weight
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -169,6 +182,26 @@ class RedModel(nn.Module):
             if isinstance(module, RedLayer):
                 yield name, module
 
+    def _owned(self, norms: bool) -> dict[str, nn.Parameter]:
+        """Adapter key -> trainable parameter, read from the wrappers that own them (a shared key once).
+
+        Derived on each call, never cached: FSDP2 and ZeRO-3 replace the parameter objects on the wrappers."""
+        owned: dict[str, nn.Parameter] = {}
+        for _, layer in self.red_layers():
+            if isinstance(layer, RedRMSNorm) == norms:
+                owned.setdefault(layer.key, layer.red_weight)
+        return owned
+
+    @property
+    def red_projections(self) -> dict[str, nn.Parameter]:
+        """Adapter key -> projection (d_T, d_S), one entry per distinct (possibly shared) projection."""
+        return self._owned(norms=False)
+
+    @property
+    def red_norms(self) -> dict[str, nn.Parameter]:
+        """Adapter key -> student norm gain (d_S,)."""
+        return self._owned(norms=True)
+
     @property
     def targeted_module_names(self) -> list[str]:
         """Names (in the teacher) of every wrapped module."""
@@ -207,30 +240,54 @@ class RedModel(nn.Module):
         return self.base_model
 
     # ---------------------------------------------------------------------------------- persistence
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable state: projections and norm gains (one tensor per shared parameter)."""
-        return {f"{kind}.{key}": p.detach() for kind, store in (("projections", self.red_projections),
-                                                                  ("norms", self.red_norms))
+    def adapter_state_dict(self, model_state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The trainable state: projections and norm gains (one tensor per shared parameter), full tensors.
+
+        Args:
+            model_state_dict: a full state dict of this RedModel that an engine already gathered (Trainer under
+                FSDP); the adapter tensors are taken from it. Default: read the parameters, which under FSDP2 are
+                sharded DTensors: then every rank must call this (it all-gathers them).
+        """
+        if model_state_dict is not None:
+            names = {id(p): n for n, p in self.named_parameters()}
+            return {f"{kind}.{key}": model_state_dict[names[id(p)]] for kind, store in
+                    (("projections", self.red_projections), ("norms", self.red_norms)) for key, p in store.items()}
+        return {f"{kind}.{key}": _full(p.detach()) for kind, store in (("projections", self.red_projections),
+                                                                         ("norms", self.red_norms))
                 for key, p in store.items()}
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = self.adapter_state_dict()
+        """Copy full adapter tensors (`adapter_state_dict()`'s keys) into the parameters (sharded ones too)."""
+        expected = {f"{kind}.{key}": p for kind, store in (("projections", self.red_projections),
+                                                           ("norms", self.red_norms)) for key, p in store.items()}
         if set(state) != set(expected):
             missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
             raise ValueError(f"Adapter weights do not fit this RedModel: missing {missing[:5]}, unexpected "
                              f"{unexpected[:5]} (was it saved with other share_projections/target_modules?).")
+        for name, value in state.items():  # all shapes first: a bad file changes nothing
+            if value.shape != expected[name].shape:
+                raise ValueError(f"Adapter weight {name} has shape {tuple(value.shape)}, expected "
+                                 f"{tuple(expected[name].shape)}.")
         with torch.no_grad():
             for name, value in state.items():
-                if value.shape != expected[name].shape:
-                    raise ValueError(f"Adapter weight {name} has shape {tuple(value.shape)}, expected "
-                                     f"{tuple(expected[name].shape)}.")
-                expected[name].copy_(value)
+                target = expected[name]
+                if hasattr(target, "device_mesh"):  # FSDP2: keep this rank's shard of the full tensor
+                    from torch.distributed.tensor import distribute_tensor
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write `red_adapter_config.json` and `red_adapter_model.safetensors` (each atomically)."""
+                    value = distribute_tensor(value.to(target.device, target.dtype), target.device_mesh,
+                                              target.placements)
+                target.copy_(value)
+
+    def save_pretrained(self, save_directory: str | os.PathLike,
+                        adapter_state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write `red_adapter_config.json` and `red_adapter_model.safetensors` (each atomically).
+
+        `adapter_state`: the full adapter tensors when the caller gathered them already (a sharded run gathers on
+        every rank, then one rank writes); default `adapter_state_dict()`."""
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, ADAPTER_WEIGHTS_NAME)
-        state = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        adapter_state = self.adapter_state_dict() if adapter_state is None else adapter_state
+        state = {k: v.contiguous().cpu() for k, v in adapter_state.items()}
         save_file(state, path + ".tmp", metadata={"format": "pt", "library": "transformers_red"})
         os.replace(path + ".tmp", path)
         self.red_config.save_pretrained(save_directory)
@@ -262,6 +319,11 @@ class RedModel(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*self.red_projections.values(), *self.red_norms.values()]
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded DTensor (a collective), or the tensor itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 # Teacher methods that would do the wrong thing on a wrapped model -> what to call instead
@@ -301,18 +363,28 @@ def get_red_model(model: nn.Module, config: RedAdapterConfig, calibration_data: 
     config = config.resolved_for(model)  # raises for unsupported types and widths, before any forward
     channels = config.channel_indices
     if config.needs_calibration:
-        if calibration_data is None:
-            raise ValueError(f"init={config.init!r} with norm_init={config.norm_init!r} selects channels from "
-                             "teacher activations: pass calibration_data (e.g. 15 texts), or use "
-                             "init='random' with norm_init='ones'.")
-        check_not_empty(calibration_data)
-        stats = collect_activation_stats(model, calibration_data, tokenizer,
-                                         num_samples=config.calibration_num_samples,
-                                         max_length=config.calibration_max_length,
-                                         batch_size=config.calibration_batch_size, seed=config.calibration_seed,
-                                         show_progress_bar=show_progress_bar)
-        channels = select_channels(stats.scores, config.student_hidden_size).tolist()
+        channels = calibrate_channels(model, config, calibration_data, tokenizer, show_progress_bar)
         if config.calibration_source is None:
             config.calibration_source = type(calibration_data).__name__
     config.channel_indices = channels
     return RedModel(model, config, None if channels is None else torch.tensor(channels))
+
+
+def calibrate_channels(model: nn.Module, config: RedAdapterConfig, calibration_data: Any, tokenizer: Any = None,
+                       show_progress_bar: bool = True) -> list[int]:
+    """The d_S residual channels RED keeps, selected from the teacher's activations on `calibration_data`.
+
+    `config` must be resolved for `model` (`RedAdapterConfig.resolved_for`). Returns the sorted channel indices
+    (length d_S), which `RedAdapterConfig(channel_indices=...)` accepts: a multi-process trainer computes them once
+    and gives them to every rank.
+    """
+    if calibration_data is None:
+        raise ValueError(f"init={config.init!r} with norm_init={config.norm_init!r} selects channels from "
+                         "teacher activations: pass calibration_data (e.g. 15 texts), or use "
+                         "init='random' with norm_init='ones'.")
+    check_not_empty(calibration_data)
+    stats = collect_activation_stats(model, calibration_data, tokenizer, num_samples=config.calibration_num_samples,
+                                     max_length=config.calibration_max_length,
+                                     batch_size=config.calibration_batch_size, seed=config.calibration_seed,
+                                     show_progress_bar=show_progress_bar)
+    return select_channels(stats.scores, config.student_hidden_size).tolist()

@@ -38,6 +38,7 @@ class ERankCallback(TrainerCallback):
         self.every_steps, self.collapse_ratio, self.max_length = every_steps, collapse_ratio, max_length
         self.trainer: Any = None  # set by RedDistillationTrainer, used to log
         self.teacher_model: Any = None  # measured as the teacher when set; else model.disable_adapter()
+        self.main_process_only = True  # False under FSDP / ZeRO-3, whose forwards are collectives
         self.teacher: list[float] | None = None
         self.history: list[dict[str, Any]] = []
 
@@ -77,6 +78,8 @@ class ERankCallback(TrainerCallback):
         return path
 
     def _step(self, state: Any, model: Any) -> None:
+        if self.main_process_only and not state.is_world_process_zero:
+            return
         if self.history and self.history[-1]["step"] == state.global_step:
             return
         record = self.measure(model, state.global_step)

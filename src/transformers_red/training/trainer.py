@@ -31,7 +31,7 @@ from ..adapter.architectures import RESIDUAL_TERMS
 from ..adapter.calibrate import materialise_batches
 from ..adapter.config import teacher_weights_digest
 from ..adapter.merge import student_config
-from ..adapter.model import RedModel, get_red_model
+from ..adapter.model import RedModel, calibrate_channels, get_red_model
 from ..constants import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ERANK_NAME, EXPORT_INCOMPLETE_NAME,
                          LEGACY_SUMMARY_NAME, PAPER_CITATION, PAPER_ID, PAPER_TITLE, STUDENT_SUMMARY_NAME,
                          STUDENT_WEIGHTS_NAME, TAGS)
@@ -43,6 +43,8 @@ from .checkpoints import (RUN_STATE_NAME, checkpoint_problem, last_complete_chec
 from .clone import CloneLoss, capture_outputs, clone_sites
 from .config import RedConfig
 from .cpu_memory import keep_freed_cpu_memory
+from .distributed import (barrier, from_main_process, gathered_adapter_state, is_distributed,
+                          register_zero3_leaf_modules, whole_parameters)
 from .losses import (IGNORE_INDEX, LogitLossWorkspace, fused_logit_loss, generalized_jsd_loss,
                      hidden_state_logit_loss, shift_labels)
 
@@ -104,10 +106,11 @@ class RedDistillationTrainer(SFTTrainer):
             teacher_model = load_model(teacher_model, tokenizer=False, init_kwargs=args.teacher_model_init_kwargs)[0]
         calibration, calibration_source = self._calibration_texts(args, train_dataset, calibration_dataset,
                                                                   processing_class)
-        if not isinstance(model, RedModel):
-            model = self._build_red_model(model, args, name, calibration, calibration_source, processing_class)
+        with whole_parameters(model):  # a ZeRO-3 zero.Init teacher: calibrate and initialise on real weights
+            if not isinstance(model, RedModel):
+                model = self._build_red_model(model, args, name, calibration, calibration_source, processing_class)
+            self._clone = self._build_clone_loss(model, args, calibration, processing_class)
         self._adapter_config = model.red_config
-        self._clone = self._build_clone_loss(model, args, calibration, processing_class)
         self._trains_weights = args.train == "weights"
         teacher = teacher_model if teacher_model is not None else model.base_model
         self._teacher_config = teacher.config
@@ -137,14 +140,23 @@ class RedDistillationTrainer(SFTTrainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks, **kwargs)
         self.model_accepts_loss_kwargs = True  # so Trainer counts num_items_in_batch for our loss
-        if args.logit_loss_from == "hidden_states" and self.accelerator.num_processes > 1:
-            raise ValueError("logit_loss_from='hidden_states' calls the decoder directly, past the DDP/FSDP wrapper: "
-                             "it runs on one process for now; use 'logits' with several processes.")
+        if args.logit_loss_from == "hidden_states" and teacher_model is not None and (
+                self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise ValueError("logit_loss_from='hidden_states' with a separate teacher_model reads that teacher's LM-head "
+                             "weight outside its forward, which DeepSpeed ZeRO-3 / FSDP have partitioned: use 'logits', "
+                             "or let the teacher pass run on the RedModel itself (no teacher_model).")
+        if args.logit_loss_from == "hidden_states" and self._trains_weights and self.accelerator.num_processes > 1:
+            raise ValueError("logit_loss_from='hidden_states' with train='weights' runs the plain student's decoder "
+                             "past the DDP/FSDP wrapper (no gradient sync): use 'logits' with several processes.")
+        if self.is_deepspeed_enabled and not self._trains_weights:
+            register_zero3_leaf_modules(model)
         on_cpu = self.args.device.type == "cpu"
         if args.keep_freed_cpu_memory and on_cpu:
             keep_freed_cpu_memory()
         if self._erank_callback is not None:
             self._erank_callback.trainer = self
+            # sharded engines gather weights in the forward (every rank measures); otherwise the main process only
+            self._erank_callback.main_process_only = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
         self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
         self._clone_names = self._clone.names if self._clone is not None else frozenset()
         # CPU: keep the loss scratch between steps (no allocator cache); CUDA's caching allocator reuses it anyway
@@ -193,6 +205,10 @@ class RedDistillationTrainer(SFTTrainer):
             calibration = None
         elif config.calibration_source is None or source != "calibration_dataset":
             config.calibration_source = source
+        if config.needs_calibration and is_distributed():
+            # one calibration, on global rank 0: every rank must train the same channels
+            config.channel_indices = from_main_process(lambda: calibrate_channels(
+                teacher, config.resolved_for(teacher), calibration, tokenizer, not args.disable_tqdm))
         # the progress bar follows disable_tqdm, and only the main process draws one
         return get_red_model(teacher, config, calibration, tokenizer,
                              show_progress_bar=not args.disable_tqdm and args.process_index == 0)
@@ -211,7 +227,11 @@ class RedDistillationTrainer(SFTTrainer):
                                           num_samples=config.calibration_num_samples, seed=config.calibration_seed,
                                           device=next(red.parameters()).device,
                                           vocab_size=red.config.get_text_config().vocab_size)
-            clone.calibrate(_teacher_outputs(red, batches, clone.names))
+            def scales() -> dict:
+                clone.calibrate(_teacher_outputs(red, batches, clone.names))
+                return clone.scales
+
+            clone.scales = from_main_process(scales)  # every rank divides by the same constants
         return clone
 
     def _prune(self, red: RedModel, teacher_model: Any) -> tuple[Any, Any]:
@@ -276,19 +296,21 @@ class RedDistillationTrainer(SFTTrainer):
                 with capture_outputs(self.accelerator.unwrap_model(self.teacher_model), self._clone_names) as acts:
                     yield self.teacher_model, acts
 
-    def _final_hidden_and_head(self, model: Any, inputs: dict, student: bool
-                               ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    def _final_hidden_and_head(self, model: Any, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, float | None]:
         """(final hidden states (B, T, d), LM-head weight (V, d), logit soft cap) of one pass, without logits: the
         decoder's forward, then the head's weight (a RED head's student weight W_T @ P in the student pass)."""
         inner = self.accelerator.unwrap_model(model)
         hf_model = inner.base_model if isinstance(inner, RedModel) else inner
-        hidden = hf_model.get_decoder()(**inputs, use_cache=False).last_hidden_state
         head = hf_model.get_output_embeddings()
         if getattr(head, "bias", None) is not None or getattr(getattr(head, "base_layer", None), "bias", None) is not None:
             raise ValueError("logit_loss_from='hidden_states' needs an LM head without a bias; use 'logits'.")
-        weight = head.student_weight() if student and hasattr(head, "student_weight") else getattr(
-            head, "base_layer", head).weight
-        return hidden, weight, getattr(hf_model.config, "final_logit_softcapping", None)
+        softcap = getattr(hf_model.config, "final_logit_softcapping", None)
+        if isinstance(inner, RedModel):  # through the DDP/FSDP/DeepSpeed wrapper, so its hooks run
+            hidden, weight = model(**inputs, use_cache=False, red_hidden_and_head=True)
+            return hidden, weight, softcap
+        # a plain model (train="weights", or a separate teacher, no gradient): called past any wrapper
+        hidden = hf_model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        return hidden, head.weight, softcap
 
     def _student_capture(self, model: Any):
         if self._trains_weights:
@@ -305,9 +327,9 @@ class RedDistillationTrainer(SFTTrainer):
                       temperature=args.temperature, chunk_size=args.loss_chunk_size, workspace=self._loss_workspace)
         if args.logit_loss_from == "hidden_states" and not return_outputs:
             with self._teacher_pass() as (teacher, teacher_acts):
-                t_hidden, t_head, t_cap = self._final_hidden_and_head(teacher, forward_inputs, student=False)
+                t_hidden, t_head, t_cap = self._final_hidden_and_head(teacher, forward_inputs)
             with self._student_capture(model) as student_acts:
-                s_hidden, s_head, s_cap = self._final_hidden_and_head(model, forward_inputs, student=True)
+                s_hidden, s_head, s_cap = self._final_hidden_and_head(model, forward_inputs)
             logit_loss, (kd, ce, teacher_ce) = hidden_state_logit_loss(
                 s_hidden, s_head, t_hidden, t_head, labels, softcap=s_cap, teacher_softcap=t_cap, **losses)
             outputs = None
@@ -373,6 +395,7 @@ class RedDistillationTrainer(SFTTrainer):
                           "from.") from err
         finally:
             staging, self._staging_dir = self._staging_dir, None
+        barrier()  # every rank has written its files (RNG state, shards) into the staging folder
         if self.args.should_save:
             final = os.path.join(run_dir, name)
             shutil.rmtree(final, ignore_errors=True)
@@ -388,6 +411,7 @@ class RedDistillationTrainer(SFTTrainer):
 
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        barrier()  # no rank goes on (or resumes) before the checkpoint is in place
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Trainer's per-save push would upload `output_dir` (tokenizer, `training_args.bin`, TRL's card) from the
@@ -422,12 +446,19 @@ class RedDistillationTrainer(SFTTrainer):
         output_dir = output_dir or self.args.output_dir
         if self._trains_weights:  # a plain model: Trainer's own save (safetensors, tokenizer)
             super()._save(output_dir, state_dict)
-            self._adapter_config.save_pretrained(output_dir)  # the channel selection, checked on resume
+            if self.args.should_save:
+                self._adapter_config.save_pretrained(output_dir)  # the channel selection, checked on resume
         else:
-            self.red_model.save_pretrained(output_dir)
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
-        if self._erank_callback is not None:
+            red = self.red_model
+            if self.is_fsdp_enabled and state_dict is not None:  # Trainer gathered the full state on the saving rank
+                adapter = red.adapter_state_dict(state_dict) if self.args.should_save else None
+            else:  # every rank takes part (a gather under FSDP2 / ZeRO-3)
+                adapter = gathered_adapter_state(red)
+            if self.args.should_save:
+                red.save_pretrained(output_dir, adapter_state=adapter)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(output_dir)
+        if self._erank_callback is not None and self.args.should_save:
             self._erank_callback.write(output_dir)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -435,24 +466,37 @@ class RedDistillationTrainer(SFTTrainer):
         if _internal_call:
             return super().save_model(output_dir, _internal_call=True)
         output_dir = output_dir or self.args.output_dir
+        student = self._gathered_student()
         if self.args.should_save:
-            self.export_student(output_dir)
+            self.export_student(output_dir, student)
+        barrier()  # the export is complete before any rank reads or pushes it
         if self.args.push_to_hub:  # as Trainer.save_model does: the merged student, with the RED card
             self.push_to_hub(commit_message="Model save")
 
-    def export_student(self, output_dir: str) -> Any:
+    def _gathered_student(self) -> Any:
+        """The merged student on the process that saves (None on the others). Under FSDP / ZeRO-3 every rank gathers
+        the weights and merges, since the merge's own check runs a forward, a collective there."""
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        student = None
+        with whole_parameters(self.model):
+            if self.args.should_save or sharded:
+                student = self.merged_student()
+        return student if self.args.should_save else None
+
+    def export_student(self, output_dir: str, student: Any = None) -> Any:
         """Merge and write a plain student (safetensors, config, generation config, tokenizer) plus
         `red_summary.json` and `erank.json`.
 
         Atomic as a whole: files are written to a staging folder; while they are moved in, a marker file
         (`.red_export_incomplete`) says the folder is not a finished export (push and `load_model` refuse it); the
         summary, with the size of every file of the export, is moved in last and the marker removed after it. Weight
-        files of an earlier export that this one does not have (other shards) are removed.
+        files of an earlier export that this one does not have (other shards) are removed. `student`: the merged
+        student when the caller has it (`save_model` gathers it on every rank of a sharded run); default: merge now.
         """
         os.makedirs(output_dir, exist_ok=True)
         staging = os.path.join(output_dir, ".staging-student")
         shutil.rmtree(staging, ignore_errors=True)
-        student = self.merged_student()
+        student = student if student is not None else self.merged_student()
         student.save_pretrained(staging)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(staging)
@@ -510,12 +554,13 @@ class RedDistillationTrainer(SFTTrainer):
         for key in ("model_name", "finetuned_from", "language", "license", "tasks", "dataset_tags", "dataset_args"):
             kwargs.pop(key, None)  # the repo id names the model; the RED card says what it was made from
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        if not self.args.should_save:
-            return None
         repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id or os.path.basename(
             os.path.abspath(self.args.output_dir))
+        student = self._gathered_student()  # a collective under FSDP / ZeRO-3: every rank takes part
+        if not self.args.should_save:
+            return None
         with tempfile.TemporaryDirectory(prefix="red-student-") as tmp:
-            self.export_student(tmp)
+            self.export_student(tmp, student)
             return push_compressed(tmp, repo_id, token=token if token is not None else self.args.hub_token,
                                    private=bool(self.args.hub_private_repo if private is None else private),
                                    commit_message=commit_message or "End of training", **kwargs)

@@ -1,0 +1,73 @@
+"""One RED distillation run, launched by tests/test_distributed.py under torchrun (gloo, CPU) or directly.
+
+    python tests/distributed_worker.py OUT --grad_accum 2 [--engine ddp|fsdp2] [--resume] [--save_steps N]
+
+Trains the tiny Llama teacher for `--steps` steps at global batch 4 (per-device batch 2 x `--grad_accum` x
+processes), then rank 0 writes `OUT/result.json` (projections, logged losses, channels) and the trainer exports
+the merged student into `OUT/student`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from testing_utils import make_teacher  # noqa: E402
+
+from transformers_red import RedConfig, RedDistillationTrainer  # noqa: E402
+from transformers_red.resources import builtin_texts, byte_tokenizer  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--grad_accum", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--engine", choices=["ddp", "fsdp2"], default="ddp")
+    parser.add_argument("--save_steps", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--logit_loss_from", default="logits")
+    args = parser.parse_args()
+    extra = {}
+    if args.engine == "fsdp2":
+        extra = dict(fsdp="full_shard", fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                                     "reshard_after_forward": True})
+    config = RedConfig(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=2,
+                       gradient_accumulation_steps=args.grad_accum, max_length=32, logging_steps=1, report_to=[],
+                       save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
+                       use_cpu=True, seed=0, learning_rate=1e-2, calibration_num_samples=8, disable_tqdm=True,
+                       erank_steps=2, erank_num_samples=4, lr_scheduler_type="constant",
+                       logit_loss_from=args.logit_loss_from, **extra)
+    trainer = RedDistillationTrainer(model=make_teacher("llama", True, {}), args=config,
+                                     train_dataset=datasets.Dataset.from_dict({"text": builtin_texts(32)}),
+                                     processing_class=byte_tokenizer())
+    trainer.train(resume_from_checkpoint=True if args.resume else None)
+    trainer.save_model(os.path.join(args.out, "student"))
+    state = trainer.red_model.adapter_state_dict()  # every rank: a collective under FSDP2
+    if trainer.is_world_process_zero():
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        result = {"world_size": trainer.accelerator.num_processes, "losses": losses,
+                  "sharded": sorted({n.rsplit(".", 1)[-1] for n, p in trainer.model.named_parameters()
+                                     if type(p.data).__name__ == "DTensor"}),
+                  "model_class": type(trainer.model_wrapped).__name__,
+                  "channels": trainer.red_model.channel_indices.tolist(),
+                  "clone_scales": {"|".join(k): v for k, v in (trainer._clone.scales or {}).items()},
+                  "erank_steps": [r["step"] for r in trainer._erank_callback.history],
+                  "state": {k: v.float().tolist() for k, v in state.items()}}
+        with open(os.path.join(args.out, "result.json"), "w", encoding="utf-8") as f:
+            json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

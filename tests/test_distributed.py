@@ -1,0 +1,81 @@
+"""Several processes (gloo, CPU) give the run one process gives: DDP through the trainer, FSDP2 on the RedModel.
+
+The workers (tests/distributed_worker.py, tests/fsdp2_worker.py) run under `torch.distributed.run` and write what
+rank 0 saw; each comparison is against the same computation on one process (with gradient accumulation for DDP,
+so both see the same global batch of 4 per optimizer step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+HERE = os.path.dirname(__file__)
+
+
+def _run(script: str, out, *args: str, processes: int = 1) -> dict:
+    os.makedirs(out, exist_ok=True)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    command = [*(launcher if processes > 1 else [sys.executable]), os.path.join(HERE, script), str(out), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    with open(os.path.join(out, "result.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((torch.tensor(a[k]) - torch.tensor(b[k])).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """1 process x accumulation 2, and 2 processes x accumulation 1 (checkpoint at step 2), 3 steps each."""
+    root = tmp_path_factory.mktemp("ddp")
+    one = _run("distributed_worker.py", root / "one", "--grad_accum", "2")
+    two = _run("distributed_worker.py", root / "two", "--save_steps", "2", processes=2)
+    return root, one, two
+
+
+def test_ddp_two_processes_equal_one_process_with_accumulation(ddp_runs):
+    root, one, two = ddp_runs
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["model_class"] == "DistributedDataParallel"
+    assert one["channels"] == two["channels"]  # calibrated once on rank 0, given to rank 1
+    assert one["clone_scales"] == two["clone_scales"]
+    assert one["losses"] == pytest.approx(two["losses"], rel=1e-6, abs=0)
+    assert _max_difference(one["state"], two["state"]) <= 1e-5
+    assert two["erank_steps"] == one["erank_steps"] == [0, 2, 3]  # measured on rank 0 only, same schedule
+    # the exported students: one merge, written once, equal to the single-process export
+    a, b = (load_file(str(root / run / "student" / "model.safetensors")) for run in ("one", "two"))
+    assert set(a) == set(b)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert not any(name.startswith(".staging") for name in os.listdir(root / "two"))
+
+
+def test_ddp_resume_under_two_processes_continues_the_run(ddp_runs):
+    root, _, two = ddp_runs
+    assert os.path.isdir(root / "two" / "checkpoint-2")
+    resumed = _run("distributed_worker.py", root / "two", "--save_steps", "2", "--resume", processes=2)
+    assert resumed["losses"][-1] == pytest.approx(two["losses"][-1], rel=1e-6, abs=0)
+    assert _max_difference(resumed["state"], two["state"]) <= 1e-6
+
+
+@pytest.mark.parametrize("variant", [["--tied"], ["--share"]], ids=["tied", "untied-shared"])
+def test_fsdp2_sharded_red_model_equals_one_process(tmp_path, variant):
+    """Decoder layers sharded with the projections their wrappers own; gradients, the gathered adapter state and
+    the merged student equal the unsharded computation."""
+    one = _run("fsdp2_worker.py", tmp_path / "one", *variant)
+    two = _run("fsdp2_worker.py", tmp_path / "two", *variant, processes=2)
+    assert two["world_size"] == 2 and two["sharded"] == ["DTensor"]
+    assert _max_difference(one["grads"], two["grads"]) <= 1e-6
+    assert _max_difference(one["state"], two["state"]) <= 1e-6
+    torch.testing.assert_close(torch.tensor(two["merged_logits"]), torch.tensor(one["merged_logits"]),
+                               rtol=1e-5, atol=1e-5)
