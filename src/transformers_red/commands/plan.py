@@ -1,0 +1,55 @@
+"""`transformers-red plan`: per-GPU memory of a distillation run, estimated from the teacher's config alone
+(no weights are loaded; see `transformers_red.training.memory_plan` for the formula)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+from ..adapter.architectures import CLONE_TERMS
+from ..loading import load_config
+from ..training.memory_plan import DEFAULT_LOSS_CHUNK_SIZE, ENGINES, LOGIT_PATHS, estimate_memory
+from .flags import normalise_flags
+
+HELP = "Per-GPU memory estimate of a distillation run from the teacher's config (no weights loaded)."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of `transformers-red plan`."""
+    p = argparse.ArgumentParser(prog="transformers-red plan", description=HELP)
+    p.add_argument("--teacher", required=True,
+                   help="A folder with config.json, a config.json file, 'smollm2', or a hub id in the local cache.")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--width_ratio", type=float, default=0.5, help="d_S / d_T (default 0.5).")
+    group.add_argument("--target_hidden_size", type=int, default=None, help="d_S directly.")
+    p.add_argument("--gpus", type=int, default=1, help="Data-parallel processes in all (default 1).")
+    p.add_argument("--engine", default="ddp", choices=list(ENGINES),
+                   help="ddp, fsdp (FSDP2), zero2 or zero3 (DeepSpeed); default ddp.")
+    p.add_argument("--micro_batch_size", type=int, default=8, help="Sequences per GPU per step (default 8).")
+    p.add_argument("--seq_len", type=int, default=2048, help="Tokens per sequence (default 2048).")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="Teacher / activation dtype.")
+    p.add_argument("--loss_chunk_size", type=int, default=DEFAULT_LOSS_CHUNK_SIZE,
+                   help=f"RedConfig.loss_chunk_size (default {DEFAULT_LOSS_CHUNK_SIZE}).")
+    p.add_argument("--logit_loss_from", default="logits", choices=list(LOGIT_PATHS),
+                   help="RedConfig.logit_loss_from: 'hidden_states' holds no (B, T, V) tensor.")
+    p.add_argument("--clone_terms", nargs="*", default=list(CLONE_TERMS),
+                   help="RedConfig.clone_terms (none: clone_weight=0); default all.")
+    p.add_argument("--activation_checkpointing", action="store_true", help="Recompute student layers in backward.")
+    p.add_argument("--share_projections", action="store_true", help="RedAdapterConfig.share_projections.")
+    p.add_argument("--json", action="store_true", help="Print the estimate as JSON instead of the table.")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(normalise_flags(argv))
+    config = load_config(args.teacher)
+    plan = estimate_memory(config, width_ratio=args.width_ratio, target_hidden_size=args.target_hidden_size,
+                           gpus=args.gpus, engine=args.engine,
+                           micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, dtype=args.dtype,
+                           loss_chunk_size=args.loss_chunk_size, logit_loss_from=args.logit_loss_from,
+                           clone_terms=tuple(args.clone_terms),
+                           activation_checkpointing=args.activation_checkpointing,
+                           share_projections=args.share_projections)
+    print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.table())
+    return 0
