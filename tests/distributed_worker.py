@@ -1,6 +1,7 @@
 """One RED distillation run, launched by tests/test_distributed.py under torchrun (gloo, CPU) or directly.
 
     python tests/distributed_worker.py OUT --grad_accum 2 [--engine ddp|fsdp2] [--resume] [--save_steps N]
+        [--logit_loss_from hidden_states] [--activation_checkpointing]
 
 Trains the tiny Llama teacher for `--steps` steps at global batch 4 (per-device batch 2 x `--grad_accum` x
 processes), then rank 0 writes `OUT/result.json` (projections, logged losses, channels) and the trainer exports
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--save_steps", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--logit_loss_from", default="logits")
+    parser.add_argument("--activation_checkpointing", action="store_true")
     args = parser.parse_args()
     extra = {}
     if args.engine == "fsdp2":
@@ -46,7 +48,8 @@ def main() -> None:
                        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
                        use_cpu=True, seed=0, learning_rate=1e-2, calibration_num_samples=8, disable_tqdm=True,
                        erank_steps=2, erank_num_samples=4, lr_scheduler_type="constant",
-                       logit_loss_from=args.logit_loss_from, **extra)
+                       logit_loss_from=args.logit_loss_from, activation_checkpointing=args.activation_checkpointing,
+                       **extra)
     trainer = RedDistillationTrainer(model=make_teacher("llama", True, {}), args=config,
                                      train_dataset=datasets.Dataset.from_dict({"text": builtin_texts(32)}),
                                      processing_class=byte_tokenizer())

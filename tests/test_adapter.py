@@ -194,6 +194,22 @@ def test_teacher_methods_that_would_be_wrong_are_refused_and_the_rest_fall_throu
     assert "d_T=64 -> d_S=32, init=activation" in text and "side=input, 64 -> 32" in text
 
 
+def test_saving_the_wrapped_teacher_itself_is_refused_until_unload(texts, tokenizer, tmp_path):
+    """`red.base_model.save_pretrained` would write wrapper keys that reload as a fresh teacher, silently."""
+    teacher = make_teacher("llama", False, {})
+    reference = {k: v.clone() for k, v in teacher.state_dict().items()}
+    red = calibrated(teacher, texts, tokenizer)
+    for method, call in (("save_pretrained", "red.save_pretrained"), ("push_to_hub", "red.push_to_hub")):
+        with pytest.raises(RuntimeError, match=rf"wrapper keys.*{call}\(\.\.\.\).*merge_and_unload\(\)\.{method}"):
+            getattr(red.get_base_model(), method)(str(tmp_path / "teacher"))
+    assert not (tmp_path / "teacher").exists()
+    red.save_pretrained(tmp_path / "adapter")  # RedModel's own save is untouched
+    plain = red.unload()
+    plain.save_pretrained(tmp_path / "teacher")  # and the unloaded teacher saves and reloads as itself
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in reference.items())
+
+
 def test_merged_config_drops_a_teachers_quantisation_recipe(texts, tokenizer, tmp_path):
     teacher = make_teacher("llama", False, {})
     teacher.config.quantization_config = {"quant_method": "gguf"}  # what a GGUF-loaded teacher carries

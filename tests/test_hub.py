@@ -568,3 +568,23 @@ def test_cli_distill_push_to_hub_publishes_the_student(hub, tmp_path, monkeypatc
     assert {"model.safetensors", "config.json", "README.md", "red_summary.json"} <= files
     assert "training_args.bin" not in files
     assert AutoModelForCausalLM.from_pretrained("user/cli").config.hidden_size == 32
+
+
+def test_a_failing_final_push_keeps_the_local_student_and_raises_after_training(hub, tmp_path, monkeypatch):
+    """Checkpoint uploads that fail are logged and training goes on; the final push's failure is HubPushError,
+    raised by save_model after the merged student is complete on disk (not during training)."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    args = RedConfig(output_dir=str(tmp_path / "run"), max_steps=2, save_strategy="steps", save_steps=1,
+                     per_device_train_batch_size=4, max_length=48, report_to=[], use_cpu=True, learning_rate=1e-2,
+                     calibration_num_samples=8, disable_tqdm=True, push_to_hub=True, hub_model_id="user/failing")
+    trainer = RedDistillationTrainer(model=tiny_teacher("llama"), args=args, processing_class=byte_tokenizer(),
+                                     train_dataset=datasets.Dataset.from_dict({"text": builtin_texts(32)}))
+    hub.fail_commits = 10**6  # every commit answers 500
+    trainer.train()  # the checkpoint pushes fail; training is not interrupted
+    assert trainer.state.global_step == 2 and os.path.isdir(tmp_path / "run" / "checkpoint-2")
+    with pytest.raises(HubPushError, match="user/failing"):
+        trainer.save_model()
+    student = tmp_path / "run"
+    assert (student / "red_summary.json").is_file() and not (student / ".red_export_incomplete").exists()
+    assert AutoModelForCausalLM.from_pretrained(student).config.hidden_size == 32
+    assert not any(f.endswith(".safetensors") for f in hub.files("user/failing"))

@@ -77,6 +77,7 @@ class RedModel(nn.Module):
             for short in targets["norms"]:
                 self._wrap(find_in_layer(model, layer, short), RedRMSNorm, created, None, generator)
         self._wrap(layout.final_norm, RedRMSNorm, created, None, generator)
+        _guard_wrapped_teacher(model)
 
     # ----------------------------------------------------------------------------------------- building
     def _wrap(self, name: str, cls: type[RedLayer], created: dict[str, nn.Parameter], key: str | None,
@@ -237,6 +238,8 @@ class RedModel(nn.Module):
         """Remove the wrappers and return the original teacher (this RedModel is unusable afterwards)."""
         for name, module in list(self.red_layers()):
             _set_submodule(self.base_model, name, module.base_layer)
+        for method in _SAVING_METHODS:
+            self.base_model.__dict__.pop(method, None)
         return self.base_model
 
     # ---------------------------------------------------------------------------------- persistence
@@ -339,6 +342,25 @@ _WRONG_ON_A_WRAPPED_TEACHER = {
     "merge_adapter": "use merge_and_unload(), which returns the plain student.",
     "unmerge_adapter": "the adapter is never merged in place; merge_and_unload() returns a new model.",
 }
+
+
+# The wrapped teacher's own saving methods would write `*.base_layer.weight` / `*.red_weight` keys that load back
+# as a freshly initialised teacher; they are shadowed on the instance until `unload()`.
+_SAVING_METHODS = ("save_pretrained", "push_to_hub")
+
+
+def _guard_wrapped_teacher(model: nn.Module) -> None:
+    def refuse(method: str):
+        def refused(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError(
+                f"{type(model).__name__}.{method} on a teacher wrapped by a RedModel would write wrapper keys "
+                "(*.base_layer.weight, *.red_weight) that load as a freshly initialised model. Call "
+                f"red.{method}(...) for the RED adapter, red.merge_and_unload().{method}(...) for the student, or "
+                f"red.unload().{method}(...) for the plain teacher.")
+        return refused
+
+    for method in _SAVING_METHODS:
+        model.__dict__[method] = refuse(method)
 
 
 def get_red_model(model: nn.Module, config: RedAdapterConfig, calibration_data: Any = None, tokenizer: Any = None,
