@@ -96,6 +96,20 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, texts, token
     assert resumed.state.global_step == 4
 
 
+@pytest.mark.parametrize("layout", ["optimizer.bin", "optimizer_0", "global_step4", None])
+def test_engine_optimizer_layouts_count_as_complete(tmp_path, texts, tokenizer, trained_teacher, layout):
+    """FSDP (optimizer.bin, optimizer_0/) and DeepSpeed (global_stepN/) checkpoints have no optimizer.pt."""
+    make_red_trainer(tmp_path, texts, tokenizer, trained_teacher(), **SAVE).train()
+    newest = tmp_path / "checkpoint-4"
+    os.remove(newest / "optimizer.pt")
+    if layout == "optimizer.bin":
+        (newest / layout).write_bytes(b"state")
+    elif layout is not None:
+        (newest / layout).mkdir()
+    expected = newest if layout is not None else tmp_path / "checkpoint-2"
+    assert last_complete_checkpoint(str(tmp_path)) == str(expected)
+
+
 def test_resuming_a_finished_run_trains_nothing_and_re_exports_the_same_weights(tmp_path, texts, tokenizer,
                                                                               trained_teacher):
     from safetensors.torch import load_file

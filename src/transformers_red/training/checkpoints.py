@@ -74,6 +74,10 @@ def read_run_state(checkpoint: str, identity: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+# Where FSDP (full: optimizer.bin; sharded: optimizer_0/) and DeepSpeed (global_stepN/) keep the optimizer state
+_ENGINE_OPTIMIZER_STATE = ("optimizer.bin", "optimizer_0", "global_step")
+
+
 def required_files(trains_weights: bool) -> list[str]:
     """Files a resume needs in a checkpoint folder (RNG state is per process: one at least)."""
     weights = STUDENT_WEIGHTS_NAME if trains_weights else ADAPTER_WEIGHTS_NAME
@@ -85,6 +89,8 @@ def checkpoint_problem(folder: str, trains_weights: bool) -> str | None:
     names = set(os.listdir(folder))
     for name in required_files(trains_weights):
         path = os.path.join(folder, name)
+        if name == "optimizer.pt" and any(n.startswith(_ENGINE_OPTIMIZER_STATE) for n in names):
+            continue  # FSDP / DeepSpeed write their optimizer state in their own layout (their loader checks it)
         if name not in names or os.path.getsize(path) == 0:
             return f"{name} is missing or empty"
         try:
