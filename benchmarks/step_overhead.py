@@ -1,12 +1,13 @@
-"""What one RedDistillationTrainer step costs, against what the method needs by design.
+"""What one RedDistillationTrainer step costs, against what the method needs by design and against TRL's GKD.
 
-For each model (a tiny Llama and SmolLM2-135M-Instruct, both at 50% width), in ONE process, on one packed
-batch of `--batch-size` x `--seq-len` tokens (built-in English texts, labels = input_ids, no padding):
+For each model (`--models`: a tiny Llama, SmolLM2-135M-Instruct, and a tiny-width Llama with Qwen2.5's
+152064-token vocabulary; all at 50% width), in ONE process, on one packed batch of `--batch-size` x `--seq-len`
+tokens (built-in English texts, labels = input_ids, no padding):
 
   (a) teacher forward: the plain teacher (a deep copy taken before wrapping), `torch.no_grad()`,
       `use_cache=False`, full (B, T, V) logits.
-  (b) plain student step: the merged student (`red.merge_and_unload()`, a plain HF model of width d_S) in
-      train mode: forward with `labels` (HF causal-LM loss), backward, AdamW step over all its parameters
+  (b) plain student step (plain SFT): the merged student (`red.merge_and_unload()`, a plain HF model of width d_S)
+      in train mode: forward with `labels` (HF causal-LM loss), backward, AdamW step over all its parameters
       (the optimizer class and arguments `Trainer` would use), `zero_grad(set_to_none=True)`.
   (w) weight forming: what the method adds by design. For every RedLinear of the RedModel, the student
       weight `layer.student_weight()` (W_T @ P or P^T @ W_T, the op the forward uses; and the output-side
@@ -14,40 +15,60 @@ batch of `--batch-size` x `--seq-len` tokens (built-in English texts, labels = i
       uses. Then one `torch.autograd.backward(formed, fixed_random_grads)` into the projections, and the
       projection grads are cleared. No loss, no elementwise products: only the forming matmuls and their
       backward matmuls.
-  (c) distillation step: `trainer.training_step(trainer.model, inputs, num_items_in_batch)` then
+  (c) RED step: `trainer.training_step(trainer.model, inputs, num_items_in_batch)` then
       `trainer.optimizer.step(); trainer.optimizer.zero_grad()` (optimizer from `trainer.create_optimizer()`),
       i.e. teacher pass (same weights, adapter disabled, clone modules captured), student pass (captured),
       fused KL + CE (`fused_logit_loss`), clone MSE, backward, AdamW over the projections and norm gains.
       Not included: gradient clipping, LR scheduler, data loading, logging (the rest of Trainer's inner loop).
+  (h) the same RED step with `RedConfig(logit_loss_from="hidden_states")` (a second trainer over the same
+      RedModel, its own optimizer): logit losses from the final hidden states and head weights, chunk by chunk,
+      no (B, T, V) tensor.
+  (g) GKD step: TRL's `GKDTrainer` (`trl.experimental.gkd`, else `trl.GKDTrainer`) with `lmbda=0` (supervised KD on
+      the dataset, no generation), `beta=0` (forward KL), `temperature=1`, training a plain model of the teacher's
+      class with the merged student's shapes and weights (a second `red.merge_and_unload()`) from the plain
+      teacher of (a), on the same batch, stepped as (c). Its loss is the KL alone (no CE, no clone term).
 
-Measurements are interleaved (a, b, w, c, a, b, w, c, ...); the first `--warmup` rounds are discarded. The
-table gives median wall times; the same ratios are also printed from the minimum wall times and from the median
+`--phases` picks which of them run (default all). Measurements are interleaved (a, b, w, c, h, g, a, b, ...); the
+first `--warmup` rounds are discarded. The
+tables give median wall times; the same ratios are also printed from the minimum wall times and from the median
 process CPU time (`time.process_time()`, all threads), which other load on a shared machine disturbs less.
 
-Memory: "peak RSS" in the table is the process peak (`ru_maxrss`) read after each model's block, so it is
-cumulative over everything the process did before (tiny runs first, then SmolLM2) and includes the extra
-copies the benchmark holds (plain teacher, merged student and its AdamW state). Where Linux allows it, the peak
-RSS *above the resident set at the start* of each phase is also printed (VmHWM reset through
-/proc/self/clear_refs before each phase): roughly the transient memory a phase needs.
+Memory, after the timed rounds, one more step of every phase (`--no-memory` skips it):
+  - transient peak: the phase's peak memory above what was in use at its start. CPU: peak RSS (VmHWM, reset
+    through /proc/self/clear_refs) minus RSS at the start, with glibc set for this pass to return every block
+    of 1 MiB or more to the OS on free and the heap trimmed before each phase (otherwise memory kept from an
+    earlier phase is reused without showing; the timed rounds keep `RedConfig.keep_freed_cpu_memory`). CUDA:
+    `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus `memory_allocated()` at the
+    start.
+  - resident state: bytes of the tensors the method keeps between steps (weights, buffers, optimizer state;
+    shared storage counted once): (a) the plain teacher; (b) the student and its AdamW state; (c) / (h) the
+    RedModel (the teacher's weights plus projections and gains) and the trainer's AdamW state; (g) the GKD
+    student, its AdamW state and the teacher.
+"Peak RSS" in the main table is the process peak (`ru_maxrss`) read after each model's block: cumulative over
+everything the process did before, including the extra copies the benchmark holds.
 
 `--breakdown` also times the parts of (c) separately (re-doing `compute_loss`'s steps one by one with the
 trainer's own helpers) and a few reference pieces; `--profile` prints a torch.profiler table of one (c) step.
 `--threads N` calls torch.set_num_threads(N) (default: torch's own default, one thread per usable core).
-The trainer is built before anything is timed, so with `RedConfig.keep_freed_cpu_memory` (the default) every
-phase, baseline included, runs under the same allocator settings; `--return-freed-memory` turns them off.
+`--device cuda` runs everything on the GPU (float32, CUDA work waited for in every timing). On CPU the trainers
+are built before anything is timed, so with `RedConfig.keep_freed_cpu_memory` (on here) every phase, baseline
+included, runs under the same allocator settings; `--return-freed-memory` turns them off. `--json PATH` writes
+the results.
 
     python benchmarks/step_overhead.py --models tiny
-    python benchmarks/step_overhead.py --models tiny smollm2 --repeats 3 --breakdown
+    python benchmarks/step_overhead.py --models smollm2 --repeats 3 --threads 1                  # 8 x 256
+    python benchmarks/step_overhead.py --models smollm2 --repeats 5 --threads 1 --batch-size 4 --seq-len 128
+    python benchmarks/step_overhead.py --models qwen-vocab --repeats 3 --threads 1
+    python benchmarks/step_overhead.py --models tiny smollm2 --repeats 3 --breakdown --phases a b w c
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
+import json
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -61,7 +82,13 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (GIB, environment_line, make_plain_step, make_trainer_step, peak_memory,  # noqa: E402
+                     peak_rss_gib, set_allocator_returns_memory, tensor_bytes, timed)
+
+ALL_PHASES = ("a", "b", "w", "c", "h", "g")
 TARGET = 1.15  # the issue's bound on (c) / ((a) + (b) + (w)) for SmolLM2 on CPU
+GKD_TARGET = 1.05  # what RED owes its users: (c) / (g) at any micro-batch size
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -86,7 +113,19 @@ def smollm2_model():
     return load_smollm2()
 
 
-MODELS = {"tiny": tiny_model, "smollm2": smollm2_model}
+def qwen_vocab_model():
+    """A tiny-width Llama (d_T 128, 2 layers, 4/2 heads, FFN 384, tied) with Qwen2.5's vocabulary of 152064,
+    random weights, SDPA attention, and the byte tokenizer (the token ids of the batch stay below 256; the cost of
+    a (B, T, V) tensor does not depend on them). Here the vocabulary, not the layers, sets every cost."""
+    from transformers_red.resources import byte_tokenizer, tiny_teacher
+
+    teacher = tiny_teacher("llama", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=32, intermediate_size=384, vocab_size=152064,
+                           max_position_embeddings=1024, attn_implementation="sdpa")
+    return teacher, byte_tokenizer()
+
+
+MODELS = {"tiny": tiny_model, "smollm2": smollm2_model, "qwen-vocab": qwen_vocab_model}
 
 
 def packed_batch(tokenizer, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
@@ -126,19 +165,19 @@ def make_phase_w(red, batch):
     gen = torch.Generator().manual_seed(0)
     input_ids = batch["input_ids"]
 
-    def like(shape, dtype):
-        return torch.randn(shape, generator=gen).to(dtype)
+    def like(shape, ref):
+        return torch.randn(shape, generator=gen).to(device=ref.device, dtype=ref.dtype)
 
     with torch.no_grad():
         grads = []
         for layer in linears:
-            grads.append(like(layer.student_weight().shape, layer.trainable.dtype))
+            grads.append(like(layer.student_weight().shape, layer.trainable))
             bias = layer.student_bias()
             if bias is not None and bias.requires_grad:
-                grads.append(like(bias.shape, bias.dtype))
+                grads.append(like(bias.shape, bias))
         for layer in embeddings:
             shape = (*input_ids.shape, layer.trainable.shape[1])
-            grads.append(like(shape, layer.trainable.dtype))
+            grads.append(like(shape, layer.trainable))
     params = red.trainable_parameters()
 
     def phase_w():
@@ -168,34 +207,26 @@ def make_phase_a(plain_teacher, batch):
     return phase_a
 
 
-def make_phase_b(student, trainer, batch):
-    from transformers import Trainer
-
-    student.train()
-    optim_cls, optim_kwargs = Trainer.get_optimizer_cls_and_kwargs(trainer.args, student)
-    optimizer = optim_cls(student.parameters(), **optim_kwargs)
-
-    def phase_b():
-        out = student(**batch, use_cache=False)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        del out
-
-    return phase_b, optimizer
+def gkd_classes():
+    """TRL's (GKDConfig, GKDTrainer): `trl.experimental.gkd` in recent TRL, `trl` itself in older releases."""
+    try:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError:
+        from trl import GKDConfig, GKDTrainer
+    return GKDConfig, GKDTrainer
 
 
-def make_phase_c(trainer, batch):
-    inputs = {k: v.clone() for k, v in batch.items()}
-    num_items = trainer._get_num_items_in_batch([inputs], trainer.args.device)
-
-    def phase_c():
-        loss = trainer.training_step(trainer.model, dict(inputs), num_items)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad()
-        del loss
-
-    return phase_c, num_items
+def build_gkd_trainer(student, teacher, tokenizer, dataset, args, out_dir: str):
+    """TRL's GKDTrainer as a user would set it for supervised KD: lmbda 0, beta 0 (forward KL), temperature 1."""
+    GKDConfig, GKDTrainer = gkd_classes()
+    config = GKDConfig(output_dir=out_dir, lmbda=0.0, beta=0.0, temperature=1.0,
+                       per_device_train_batch_size=args.batch_size, max_length=args.seq_len, max_steps=10**6,
+                       report_to=[], use_cpu=args.device == "cpu", save_strategy="no", logging_steps=10**6,
+                       disable_tqdm=True, bf16=False, seed=0)
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
+                         processing_class=tokenizer)
+    trainer.create_optimizer()
+    return trainer
 
 
 # ----------------------------------------------------------------------------------------- breakdown of (c)
@@ -243,7 +274,7 @@ def breakdown_c(trainer, batch, num_items, rounds: int) -> dict[str, tuple[float
             workspace=trainer._loss_workspace)
         clock.lap("c3 logit losses forward (fused KL + CE + teacher CE and their gradient)")
         token_mask = shift_labels(labels) != IGNORE_INDEX
-        clone = trainer._clone_sums(student_acts, teacher_acts, token_mask)
+        clone = trainer._clone.sums(student_acts, teacher_acts, token_mask) if trainer._clone is not None else {}
         clone_total = sum(clone.values()) if clone else ce.new_zeros(())
         clock.lap("c4 clone MSE forward")
         loss = (logit_loss + args.clone_weight * clone_total) / num_items
@@ -303,17 +334,17 @@ def breakdown_reference(trainer, plain_teacher, student, batch, rounds: int) -> 
         clock.lap("r5 plain CE fwd+bwd alone (what (b) pays for its loss)")
         logits.grad = None
         del ce_plain, kd, ce, logits, teacher_logits, flat_s
-        if trainer._clone_modules:
+        if trainer._clone is not None:
             with torch.no_grad():
                 with trainer._teacher_pass() as (teacher, t_acts):
                     teacher(**fwd, use_cache=False)
-                with red.capture_activations() as s_acts:
+                with red.capture_activations(trainer._clone_names) as s_acts:
                     red(**fwd, use_cache=False)
             s_acts = {k: v.detach().requires_grad_(True) for k, v in s_acts.items()}
             mask = losses.shift_labels(labels) != losses.IGNORE_INDEX
             gc.collect()
             clock.restart()
-            clone = trainer._clone_sums(s_acts, t_acts, mask)
+            clone = trainer._clone.sums(s_acts, t_acts, mask)
             sum(clone.values()).backward()
             clock.lap("r6 clone MSE fwd+bwd alone (7 terms x layers)")
             for p in red.trainable_parameters():
@@ -332,45 +363,20 @@ def profile_c(phase_c, row_limit: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- run
-def peak_rss_gib() -> float:
-    """Process peak RSS so far (ru_maxrss, KiB on Linux), GiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _status_kib(field: str) -> int | None:
+def measure_memory(phases: dict, resident: dict, device: str, restore_kept: bool) -> dict[str, dict[str, float]]:
+    """One more step of each phase: transient peak above its start, and the resident state it keeps, GiB."""
+    on_cpu = device == "cpu"
+    if on_cpu:
+        set_allocator_returns_memory(True)
     try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_hwm() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def timed(fn, track_memory: bool) -> tuple[float, float, float | None]:
-    """Run fn once: (wall s, process CPU s over all threads, peak RSS above the RSS at start in GiB or None).
-
-    The RSS increment uses VmHWM reset just before the call; it counts memory the call touches beyond what was
-    already resident, so freed-and-reused allocator memory is not counted twice.
-    """
-    gc.collect()
-    rss0 = _status_kib("VmRSS") if track_memory and reset_hwm() else None
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    fn()
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    hwm = _status_kib("VmHWM") if rss0 is not None else None
-    return wall, cpu, None if hwm is None else max(hwm - rss0, 0) / 2**20
+        out = {}
+        for key, fn in phases.items():
+            _, extra = peak_memory(fn, device)
+            out[key] = {"transient": None if extra is None else extra / GIB, "resident": resident[key] / GIB}
+    finally:
+        if on_cpu and restore_kept:
+            set_allocator_returns_memory(False)
+    return out
 
 
 def run_model(name: str, args) -> dict:
@@ -379,28 +385,53 @@ def run_model(name: str, args) -> dict:
     from transformers_red import RedAdapterConfig, RedConfig, RedDistillationTrainer, get_red_model
     from transformers_red.resources import builtin_texts
 
-    print(f"\n=== {name}: loading, wrapping, building the trainer (not timed) ===", flush=True)
+    print(f"\n=== {name}: loading, wrapping, building the trainers (not timed) ===", flush=True)
+    device = torch.device(args.device)
     teacher, tokenizer = MODELS[name]()
-    teacher.eval()
-    plain_teacher = copy.deepcopy(teacher).eval()  # (a): the untouched teacher
+    teacher.to(device).eval()
+    plain_teacher = copy.deepcopy(teacher).eval()  # (a) and GKD's teacher: the untouched teacher
     for p in plain_teacher.parameters():
         p.requires_grad_(False)
-    batch = packed_batch(tokenizer, args.batch_size, args.seq_len)
-    red = get_red_model(teacher, RedAdapterConfig(width_ratio=0.5), builtin_texts(15), tokenizer,
+    batch = {k: v.to(device) for k, v in packed_batch(tokenizer, args.batch_size, args.seq_len).items()}
+    calibration = RedAdapterConfig(width_ratio=0.5, calibration_num_samples=args.calibration_samples)
+    red = get_red_model(teacher, calibration, builtin_texts(args.calibration_samples), tokenizer,
                         show_progress_bar=False)
     student = red.merge_and_unload()  # (b): a plain HF model of width d_S
     out_dir = tempfile.mkdtemp(prefix="red_bench_")
-    config = RedConfig(output_dir=out_dir, per_device_train_batch_size=args.batch_size, max_length=args.seq_len,
-                       max_steps=10**6, report_to=[], use_cpu=True, save_strategy="no", logging_steps=10**6,
-                       disable_tqdm=True, bf16=False, seed=0, keep_freed_cpu_memory=not args.return_freed_memory)
     dataset = datasets.Dataset.from_dict({"text": builtin_texts(64)})
-    trainer = RedDistillationTrainer(model=red, args=config, train_dataset=dataset, processing_class=tokenizer)
-    trainer.create_optimizer()
 
-    phases = {"a": make_phase_a(plain_teacher, batch)}
-    phases["b"], _ = make_phase_b(student, trainer, batch)
-    phases["w"] = make_phase_w(red, batch)
-    phases["c"], num_items = make_phase_c(trainer, batch)
+    def red_trainer(**overrides):
+        config = RedConfig(output_dir=out_dir, per_device_train_batch_size=args.batch_size, max_length=args.seq_len,
+                           max_steps=10**6, report_to=[], use_cpu=args.device == "cpu", save_strategy="no",
+                           logging_steps=10**6, disable_tqdm=True, bf16=False, seed=0,
+                           keep_freed_cpu_memory=not args.return_freed_memory, **overrides)
+        trainer = RedDistillationTrainer(model=red, args=config, train_dataset=dataset, processing_class=tokenizer)
+        trainer.create_optimizer()
+        return trainer
+
+    trainer = red_trainer()
+    wanted = set(args.phases)
+    phases = {}  # in the order of ALL_PHASES
+    if "a" in wanted:
+        phases["a"] = make_phase_a(plain_teacher, batch)
+    step_b, optimizer_b = make_plain_step(student, trainer.args, batch)
+    if "b" in wanted:
+        phases["b"] = step_b
+    if "w" in wanted:
+        phases["w"] = make_phase_w(red, batch)
+    step_c, num_items = make_trainer_step(trainer, batch)
+    if "c" in wanted:
+        phases["c"] = step_c
+    trainer_h = gkd = None
+    if "h" in wanted:
+        trainer_h = red_trainer(logit_loss_from="hidden_states")
+        phases["h"], _ = make_trainer_step(trainer_h, batch)
+    if "g" in wanted:
+        gkd_student = red.merge_and_unload().to(device)
+        gkd = build_gkd_trainer(gkd_student, plain_teacher, tokenizer, dataset, args, os.path.join(out_dir, "gkd"))
+        phases["g"], gkd_items = make_trainer_step(gkd, batch)
+        assert int(gkd_items) == int(num_items), (gkd_items, num_items)
+    resident = {"a": tensor_bytes(plain_teacher), "w": tensor_bytes(red)}
 
     n_linear, n_embed = (len(x) for x in forming_work(red))
     d_t, d_s = red.teacher_hidden_size, red.student_hidden_size
@@ -408,32 +439,46 @@ def run_model(name: str, args) -> dict:
     print(f"d_T={d_t} d_S={d_s} layers={teacher.config.num_hidden_layers} vocab={teacher.config.vocab_size} "
           f"tied={teacher.config.tie_word_embeddings} | RedLinear={n_linear} RedEmbedding={n_embed} | "
           f"trainable={trainable:,d} student params={sum(p.numel() for p in student.parameters()):,d} | "
-          f"num_items_in_batch={int(num_items)} | clone terms={list(trainer._clone_modules)}", flush=True)
+          f"num_items_in_batch={int(num_items)} | clone modules={len(trainer._clone_names)} | "
+          f"phases {list(phases)}", flush=True)
 
+    gc.collect()
+    gc.freeze()  # what exists now is never garbage during the rounds: later collections stay cheap
     times: dict[str, list[float]] = {k: [] for k in phases}
     cpu: dict[str, list[float]] = {k: [] for k in phases}
-    mem: dict[str, list[float]] = {k: [] for k in phases}
     load0 = os.getloadavg()
     rounds = args.warmup + args.repeats
     for r in range(rounds):
         line = []
         for key, fn in phases.items():
-            wall, cpu_s, extra = timed(fn, track_memory=True)
+            wall, cpu_s = timed(fn, device)
             if r >= args.warmup:
                 times[key].append(wall)
                 cpu[key].append(cpu_s)
-                if extra is not None:
-                    mem[key].append(extra)
             line.append(f"{key}={wall:.3f}s/{cpu_s:.2f}cpu")
         print(f"  round {r + 1}/{rounds}{' (warmup)' if r < args.warmup else ''}: {' '.join(line)} "
               f"| load {os.getloadavg()[0]:.1f}", flush=True)
+    load1 = os.getloadavg()
 
-    result = {"model": name, "med": {k: statistics.median(v) for k, v in times.items()},
+    # resident state between steps (optimizer states exist after the first step)
+    resident["b"] = tensor_bytes(student, optimizer_b)
+    resident["c"] = tensor_bytes(red, trainer.optimizer)
+    if trainer_h is not None:
+        resident["h"] = tensor_bytes(red, trainer_h.optimizer)
+    if gkd is not None:
+        resident["g"] = tensor_bytes(gkd.model, gkd.optimizer, plain_teacher)
+    memory = {}
+    if not args.no_memory:
+        print("  memory pass: one more step of each phase ...", flush=True)
+        memory = measure_memory(phases, resident, args.device, restore_kept=not args.return_freed_memory)
+
+    result = {"model": name, "batch_size": args.batch_size, "seq_len": args.seq_len,
+              "med": {k: statistics.median(v) for k, v in times.items()},
               "min": {k: min(v) for k, v in times.items()},
               "cpu": {k: statistics.median(v) for k, v in cpu.items()},
-              "mem": {k: max(v) for k, v in mem.items() if v}, "times": times,
+              "memory": memory, "times": times,
               "tokens": args.batch_size * args.seq_len, "rss": peak_rss_gib(),
-              "load": (load0[0], os.getloadavg()[0])}
+              "load": (load0[0], load1[0])}
 
     if args.breakdown:
         print(f"  breakdown of (c) and reference timings, {args.breakdown_rounds} rounds ...", flush=True)
@@ -442,42 +487,96 @@ def run_model(name: str, args) -> dict:
         result["rss"] = peak_rss_gib()
     if args.profile:
         print(f"  torch.profiler, one (c) step of {name} (top {args.profile_rows} ops by self CPU time):")
-        profile_c(phases["c"], args.profile_rows)
+        profile_c(step_c, args.profile_rows)
 
-    del trainer, red, student, plain_teacher, teacher, phases
+    del trainer, trainer_h, gkd, red, student, plain_teacher, teacher, phases
+    gc.unfreeze()
     gc.collect()
     shutil.rmtree(out_dir, ignore_errors=True)
     return result
 
 
+def _ratio(m: dict, num: str, den: str) -> float | None:
+    return m[num] / m[den] if num in m and den in m else None
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+PHASE_NAMES = {"a": "(a) teacher forward", "b": "(b) plain SFT step of the merged student",
+               "w": "(w) weight forming", "c": "(c) RED step (logits)", "h": "(h) RED step (hidden_states)",
+               "g": "(g) GKD step (TRL GKDTrainer)"}
+
+
+def _header(text: str) -> None:
+    print(text)
+    print("-" * len(text))
+
+
 def print_results(results: list[dict], args) -> None:
-    print(f"\n=== Results: batch {args.batch_size} x {args.seq_len} tokens; median wall seconds of {args.repeats} "
-          f"interleaved rounds after {args.warmup} warmup ===")
-    header = (f"{'model':<8} {'(a) teach':>9} {'(b) stud':>9} {'(w) form':>9} {'(c) RED':>9} "
-              f"{'c/(a+b+w)':>10} {'c/(a+b)':>8} {'tok/s (c)':>10} {'peak RSS':>9}")
-    print(header)
-    print("-" * len(header))
-    for res in results:
-        m = res["med"]
-        ratio, ratio_ab = m["c"] / (m["a"] + m["b"] + m["w"]), m["c"] / (m["a"] + m["b"])
-        print(f"{res['model']:<8} {m['a']:>9.3f} {m['b']:>9.3f} {m['w']:>9.3f} {m['c']:>9.3f} "
-              f"{ratio:>10.3f} {ratio_ab:>8.3f} {res['tokens'] / m['c']:>10.0f} {res['rss']:>7.2f} G")
-    print("peak RSS: process ru_maxrss after the model's block (cumulative over the process so far).")
-    for label, key in (("minimum wall seconds", "min"), ("median process CPU seconds (all threads)", "cpu")):
-        print(f"\nSame ratios from the {label} (less sensitive to other load on the machine):")
+    full = [res for res in results if set("abwc") <= set(res["med"])]
+    if full:
+        print(f"\n=== Results: batch {args.batch_size} x {args.seq_len} tokens on {args.device}; median wall seconds "
+              f"of {args.repeats} interleaved rounds after {args.warmup} warmup ===")
+        _header(f"{'model':<10} {'(a) teach':>9} {'(b) stud':>9} {'(w) form':>9} {'(c) RED':>9} "
+                f"{'c/(a+b+w)':>10} {'c/(a+b)':>8} {'tok/s (c)':>10} {'peak RSS':>9}")
+        for res in full:
+            m = res["med"]
+            ratio, ratio_ab = m["c"] / (m["a"] + m["b"] + m["w"]), m["c"] / (m["a"] + m["b"])
+            print(f"{res['model']:<10} {m['a']:>9.3f} {m['b']:>9.3f} {m['w']:>9.3f} {m['c']:>9.3f} "
+                  f"{ratio:>10.3f} {ratio_ab:>8.3f} {res['tokens'] / m['c']:>10.0f} {res['rss']:>7.2f} G")
+        print("peak RSS: process ru_maxrss after the model's block (cumulative over the process so far).")
+        for label, key in (("minimum wall seconds", "min"), ("median process CPU seconds (all threads)", "cpu")):
+            print(f"\nSame ratios from the {label} (less sensitive to other load on the machine):")
+            for res in full:
+                m = res[key]
+                print(f"{res['model']:<10} a={m['a']:.3f} b={m['b']:.3f} w={m['w']:.3f} c={m['c']:.3f} "
+                      f"c/(a+b+w)={m['c'] / (m['a'] + m['b'] + m['w']):.3f} "
+                      f"c/(a+b)={m['c'] / (m['a'] + m['b']):.3f}")
+
+    if any("g" in res["med"] for res in results):
+        print(f"\n=== RED against TRL's GKDTrainer (lmbda 0, beta 0, T 1), batch {args.batch_size} x {args.seq_len}: "
+              f"step seconds, median wall (min wall) [median CPU] ===")
+        _header(f"{'model':<10} {'(b) SFT':>23} {'(c) RED':>23} {'(h) RED hidden':>23} {'(g) GKD':>23} "
+                f"{'c/g':>23} {'h/g':>23}")
         for res in results:
-            m = res[key]
-            print(f"{res['model']:<8} a={m['a']:.3f} b={m['b']:.3f} w={m['w']:.3f} c={m['c']:.3f} "
-                  f"c/(a+b+w)={m['c'] / (m['a'] + m['b'] + m['w']):.3f} c/(a+b)={m['c'] / (m['a'] + m['b']):.3f}")
+            m, n, u = res["med"], res["min"], res["cpu"]
+
+            def cell(k):
+                return f"{m[k]:.3f} ({n[k]:.3f}) [{u[k]:.2f}]" if k in m else "-"
+
+            def ratio(k):
+                r = _ratio(m, k, "g")
+                return "-" if r is None else f"{r:.3f} ({_ratio(n, k, 'g'):.3f}) [{_ratio(u, k, 'g'):.3f}]"
+
+            print(f"{res['model']:<10} {cell('b'):>23} {cell('c'):>23} {cell('h'):>23} {cell('g'):>23} "
+                  f"{ratio('c'):>23} {ratio('h'):>23}")
+        for res in results:
+            for key in ("c", "h"):
+                r = _ratio(res["med"], key, "g")
+                if r is not None:
+                    verdict = "within the bound" if r <= GKD_TARGET else (
+                        f"SLOWER than {GKD_TARGET} x GKD: {100 * (r - 1):+.1f}% against GKD")
+                    print(f"{res['model']}: {PHASE_NAMES[key]} / GKD step = {r:.3f} (median wall), "
+                          f"{_ratio(res['cpu'], key, 'g'):.3f} (median CPU): {verdict}")
+
+    if any(res["memory"] for res in results):
+        print(f"\n=== Memory per step, GiB: transient peak above the phase's start / resident state kept between "
+              f"steps / sum ===")
+    for res in results:
+        if res["memory"]:
+            print(f"{res['model']}:")
+        for key, mem in res["memory"].items():
+            transient = mem["transient"]
+            total = None if transient is None else transient + mem["resident"]
+            print(f"  {PHASE_NAMES[key]:<42} {_fmt(transient, '8.3f')} {mem['resident']:8.3f} {_fmt(total, '8.3f')}")
     print()
     for res in results:
         spread = {k: f"{min(v):.3f}-{max(v):.3f}" for k, v in res["times"].items()}
         print(f"{res['model']}: wall min-max per phase {spread}; load average {res['load'][0]:.1f} at start, "
               f"{res['load'][1]:.1f} at end")
-        if res["mem"]:
-            print(f"{res['model']}: peak RSS above the resident set at the phase's start, GiB (max over rounds): "
-                  + ", ".join(f"{k}={v:.2f}" for k, v in res["mem"].items()))
-        if res["model"] == "smollm2":
+        if res["model"] == "smollm2" and res in full:
             m = res["med"]
             ratio = m["c"] / (m["a"] + m["b"] + m["w"])
             verdict = "MET" if ratio <= TARGET else "MISSED"
@@ -501,6 +600,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per model (after warmup)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds per model")
+    parser.add_argument("--phases", nargs="+", choices=ALL_PHASES, default=list(ALL_PHASES),
+                        help="which phases to time (default all; the c/(a+b+w) table needs a, b, w, c)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory pass after the timed rounds")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--calibration-samples", type=int, default=15,
+                        help="calibration texts of the RedModel (channel selection, clone normalisers; paper: 15)")
     parser.add_argument("--breakdown", action="store_true", help="also time the parts of (c)")
     parser.add_argument("--breakdown-rounds", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of one (c) step")
@@ -509,28 +614,32 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.set_num_threads (default: leave torch's default, one per usable core)")
     parser.add_argument("--return-freed-memory", action="store_true",
                         help="RedConfig(keep_freed_cpu_memory=False): glibc's default allocator behaviour")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
 
+    import datasets
     import transformers
-    import trl
 
     transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"python {sys.version.split()[0]} | torch {torch.__version__} | transformers {transformers.__version__} "
-          f"| trl {trl.__version__} | torch threads {torch.get_num_threads()} | cpus usable {affinity} "
-          f"(os.cpu_count {os.cpu_count()})")
+    print(environment_line(), f"| os.cpu_count {os.cpu_count()}")
     results = [run_model(name, args) for name in args.models]
     from transformers_red.training.cpu_memory import keep_freed_cpu_memory
 
-    kept = (not args.return_freed_memory) and keep_freed_cpu_memory()
-    print(f"allocator: freed CPU memory kept in the process (RedConfig.keep_freed_cpu_memory, set by the trainer "
-          f"before every phase ran): {kept}; MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_')}")
+    kept = args.device == "cpu" and (not args.return_freed_memory) and keep_freed_cpu_memory()
+    print(f"allocator: freed CPU memory kept in the process during the timed rounds (RedConfig.keep_freed_cpu_memory, "
+          f"set by the trainer before every phase ran): {kept}; MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_')}")
     print_results(results, args)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"args": vars(args), "environment": environment_line(), "results": results}, f, indent=2)
     return 0
 
 

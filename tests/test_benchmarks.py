@@ -98,3 +98,51 @@ def test_loss_memory_benchmark_runs(capsys):
     assert bench.main(["--lengths", "8", "--vocab", "300", "--width", "8", "--chunk", "4"]) == 0
     table = capsys.readouterr().out
     assert "| logits | 2 x 8 |" in table and "| hidden_states | 2 x 8 |" in table
+
+
+def test_gpu_suite_tiny_cpu_run_writes_results(tmp_path):
+    """benchmarks/gpu_suite.py --tiny: the whole suite at tiny shapes, float32, on the CPU."""
+    bench = load_benchmark("gpu_suite")
+    assert bench.main(["--tiny", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["tiny"] is True and report["peak_tflops"] > 0 and "6 N_S" in report["flop_count"]
+    assert list(report["shapes"]) == ["llama-3b", "smollm2-135m"]
+    for name, r in report["shapes"].items():
+        assert r["oom_attempts"] == [] and r["batch_size"] == 2 and r["seq_len"] == 64, name
+        assert r["teacher_parameters"] > r["student_parameters"] > 0 and r["red_trainable_parameters"] > 0
+        assert r["num_items_in_batch"] == 2 * 63
+        for method in ("red", "plain"):
+            m = r[method]
+            assert m["step_s_median"] > 0 and m["step_s_min"] > 0 and len(m["steps_s"]) == 2, (name, method)
+            assert m["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / m["step_s_median"])
+            assert 0 < m["mfu"] < float("inf") and m["peak_bytes"] > 0 and m["peak_above_start_bytes"] >= 0
+            assert m["resident_state_bytes"] > 0
+        assert r["red"]["model_flops_per_token"] > r["plain"]["model_flops_per_token"] > 0
+        assert r["ratio_red_over_plain_tokens_per_s"] > 0 and 0 < r["ideal_ratio"] < 1
+        assert r["target_met"] == (r["ratio_red_over_plain_tokens_per_s"] >= 0.58)
+        estimate = r["memory_estimate"]
+        if estimate["available"]:
+            assert estimate["total_bytes"] > 0 and estimate["trainable_parameters_match"], name
+    text = (tmp_path / "results.md").read_text()
+    assert "| llama-3b | 2 x 64 |" in text and "| smollm2-135m | 2 x 64 |" in text
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message shown without CUDA")
+def test_gpu_suite_without_cuda_and_without_tiny_exits_with_a_message(tmp_path, capsys):
+    bench = load_benchmark("gpu_suite")
+    assert bench.main(["--out", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "results.json").exists()
+
+
+def test_step_overhead_runs_every_phase_with_gkd(tmp_path):
+    """benchmarks/step_overhead.py at a tiny batch: a, b, w, c, h (hidden_states) and g (TRL's GKDTrainer)."""
+    bench = load_benchmark("step_overhead")
+    out = tmp_path / "steps.json"
+    assert bench.main(["--models", "tiny", "--batch-size", "2", "--seq-len", "16", "--repeats", "1",
+                       "--warmup", "0", "--threads", "1", "--calibration-samples", "2", "--json", str(out)]) == 0
+    (result,) = json.loads(out.read_text())["results"]
+    assert set(result["med"]) == {"a", "b", "w", "c", "h", "g"}
+    assert all(t > 0 for t in result["med"].values())
+    assert set(result["memory"]) == set(result["med"])
+    assert all(m["resident"] > 0 for m in result["memory"].values())
+    assert result["memory"]["g"]["resident"] > result["memory"]["b"]["resident"]  # GKD also keeps the teacher

@@ -1,6 +1,7 @@
 """RedDistillationTrainer: loss arithmetic, gradient accumulation, learning, resume, memory, saving."""
 
 import gc
+import inspect
 import json
 import math
 import os
@@ -85,6 +86,8 @@ def test_generalized_jsd_loss_matches_gkd(beta, reduction):
                                                        reduction=reduction, chunk_size=3)
     theirs = gkd.generalized_jsd_loss(s, t, labels, beta=beta, temperature=2.0, reduction=reduction)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    if "num_items_in_batch" not in inspect.signature(gkd.generalized_jsd_loss).parameters:
+        return  # GKD gained it in trl 1.7; the floors job runs trl 1.0
     ours = RedDistillationTrainer.generalized_jsd_loss(s, t, labels, beta=beta, num_items_in_batch=4)
     theirs = gkd.generalized_jsd_loss(s, t, labels, beta=beta, num_items_in_batch=4)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
