@@ -193,6 +193,11 @@ class RedModel(nn.Module):
                 owned.setdefault(layer.key, layer.red_weight)
         return owned
 
+    def _adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """Adapter file key (`projections.<key>` / `norms.<key>`) -> the parameter, a shared one once."""
+        return {**{f"projections.{key}": p for key, p in self.red_projections.items()},
+                **{f"norms.{key}": p for key, p in self.red_norms.items()}}
+
     @property
     def red_projections(self) -> dict[str, nn.Parameter]:
         """Adapter key -> projection (d_T, d_S), one entry per distinct (possibly shared) projection."""
@@ -251,18 +256,15 @@ class RedModel(nn.Module):
                 FSDP); the adapter tensors are taken from it. Default: read the parameters, which under FSDP2 are
                 sharded DTensors: then every rank must call this (it all-gathers them).
         """
+        params = self._adapter_parameters()
         if model_state_dict is not None:
             names = {id(p): n for n, p in self.named_parameters()}
-            return {f"{kind}.{key}": model_state_dict[names[id(p)]] for kind, store in
-                    (("projections", self.red_projections), ("norms", self.red_norms)) for key, p in store.items()}
-        return {f"{kind}.{key}": _full(p.detach()) for kind, store in (("projections", self.red_projections),
-                                                                         ("norms", self.red_norms))
-                for key, p in store.items()}
+            return {key: model_state_dict[names[id(p)]] for key, p in params.items()}
+        return {key: _full(p.detach()) for key, p in params.items()}
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy full adapter tensors (`adapter_state_dict()`'s keys) into the parameters (sharded ones too)."""
-        expected = {f"{kind}.{key}": p for kind, store in (("projections", self.red_projections),
-                                                           ("norms", self.red_norms)) for key, p in store.items()}
+        expected = self._adapter_parameters()
         if set(state) != set(expected):
             missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
             raise ValueError(f"Adapter weights do not fit this RedModel: missing {missing[:5]}, unexpected "
