@@ -97,6 +97,13 @@ class RedAdapterConfig:
     calibration_source: str | None = field(
         default=None, metadata={"help": "Where the calibration texts came from (recorded for the model card)."})
     seed: int = field(default=0, metadata={"help": "Seed of init='random' / 'orthogonal'."})
+    trainable_dtype: Literal["float32", "teacher"] = field(
+        default="float32", metadata={"help": "Dtype of the projections and norm gains. 'float32': float32 master "
+                                             "tensors over a bf16/fp16 teacher (an AdamW update of 1e-4 on a "
+                                             "selection entry of 1 rounds away in bf16, whose spacing there is "
+                                             "2^-7), cast to the teacher's dtype in every forward; a float32/64 "
+                                             "teacher's own dtype otherwise. 'teacher': the teacher's dtype "
+                                             "(half the memory of the trainable state and its gradients)."})
     # Recorded by `get_red_model`; not meant to be set by hand.
     model_type: str | None = field(default=None, metadata={"help": "Teacher model_type (recorded)."})
     teacher_name_or_path: str | None = field(default=None, metadata={"help": "Teacher identity (recorded)."})
@@ -136,8 +143,17 @@ class RedAdapterConfig:
             missing = {"input", "output", "norms"} - set(self.target_modules)
             if missing:
                 raise ValueError(f"target_modules needs the keys 'input', 'output' and 'norms'; missing {sorted(missing)}.")
+        if self.trainable_dtype not in ("float32", "teacher"):
+            raise ValueError(f"trainable_dtype={self.trainable_dtype!r} is not supported; use 'float32' (float32 "
+                             "projections over a half-precision teacher) or 'teacher'.")
         if self.channel_indices is not None:
             self.channel_indices = [int(i) for i in self.channel_indices]
+
+    def trainable_dtype_for(self, teacher_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the projections and gains over teacher weights of `teacher_dtype`."""
+        if self.trainable_dtype == "float32" and teacher_dtype in (torch.bfloat16, torch.float16):
+            return torch.float32
+        return teacher_dtype
 
     @property
     def needs_calibration(self) -> bool:

@@ -11,6 +11,10 @@ exact teacher pass (`RedModel.disable_adapter()`), so one copy of the teacher se
 The student pass reads `base_layer.weight` inside the wrapper's own forward (forming W_T @ P once per forward is
 cheaper than projecting every token through the full-width module): engines must treat a wrapper as one unit
 with its base layer (`RED_LAYER_CLASSES` as ZeRO-3 leaf modules; FSDP units are whole decoder layers).
+
+The trainable tensors may be kept in float32 over a bf16/fp16 teacher (`RedAdapterConfig.trainable_dtype`); every
+forward casts them to the base layer's dtype, so the arithmetic stays the teacher's and the gradients land in float32.
+Under gradient accumulation the student weights can be formed once per optimizer step (`FormedWeights`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,54 @@ class RedState:
     capture: dict[str, torch.Tensor] | None = None  # module name -> output, while capturing
     capture_names: frozenset[str] | None = None  # which modules to capture (None: all)
     emit_weight: bool = False  # the LM head returns its weight instead of logits (`RedModel.hidden_and_head`)
+    formed: "FormedWeights | None" = None  # student weights held across micro-batches (`RedModel.form_weights_once`)
+
+
+class FormedWeights:
+    """Student weights W_S = form(W_T, P) formed once and reused by every micro-batch of one optimizer step.
+
+    Within an optimizer step the projections do not change, so each `RedLinear` forms its weight once (with its
+    autograd graph kept) and the micro-batches use a detached leaf copy whose gradient accumulates. `backward()`
+    then runs one backward through the forming with the accumulated gradients: exact by linearity of the chain
+    rule, and the forming costs once per step instead of once per micro-batch. The leaves are float32 when the
+    formed weight is bf16/fp16, so the accumulation over micro-batches does not round at half precision.
+    """
+
+    def __init__(self) -> None:
+        # layer name -> (formed weight with its graph, leaf the forwards use, projection version when formed)
+        self._entries: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def weight(self, layer: "RedLinear") -> torch.Tensor:
+        """The held student weight of `layer`, formed on first use in this step."""
+        entry = self._entries.get(layer.name)
+        if entry is not None and entry[2] != layer.trainable._version:
+            if entry[1].grad is not None:
+                raise RuntimeError(
+                    f"The projection of {layer.name} changed (an optimizer step or a load) while gradients of its "
+                    "formed weight were still pending: call RedModel.backward_formed_weights() after the last "
+                    "micro-batch's backward and before the optimizer step.")
+            entry = None
+        if entry is None:
+            formed = layer.form_student_weight()
+            low = formed.dtype in (torch.bfloat16, torch.float16)
+            leaf = formed.detach().to(torch.float32 if low else formed.dtype).requires_grad_(formed.requires_grad)
+            entry = self._entries[layer.name] = (formed, leaf, layer.trainable._version)
+        formed, leaf, _ = entry
+        return leaf if leaf.dtype == formed.dtype else leaf.to(formed.dtype)
+
+    def backward(self) -> None:
+        """Send the accumulated gradients of the held weights into the projections, then forget the weights."""
+        pairs = [(formed, leaf.grad) for formed, leaf, _ in self._entries.values() if leaf.grad is not None]
+        self._entries.clear()
+        if pairs:
+            torch.autograd.backward([f for f, _ in pairs], [g.to(f.dtype) for f, g in pairs])
+
+    def clear(self) -> None:
+        """Drop the held weights and their pending gradients."""
+        self._entries.clear()
 
 
 class RedLayer(nn.Module):
@@ -56,6 +108,11 @@ class RedLayer(nn.Module):
     def trainable(self) -> nn.Parameter:
         """The projection (d_T, d_S) or norm gain (d_S,) this layer trains."""
         return self.red_weight
+
+    def trainable_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The trainable tensor in the compute dtype (a float32 master over a bf16 teacher is cast per forward)."""
+        tensor = self.red_weight
+        return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
     def _record(self, output: torch.Tensor) -> torch.Tensor:
         state = self._state
@@ -90,16 +147,25 @@ class RedLinear(RedLayer):
         d_t, d_s = self.trainable.shape
         return f"side={self.side}, {d_t} -> {d_s}, projection={self.key}"
 
-    def student_weight(self) -> torch.Tensor:
-        """(out, d_S) for the input side, (d_S, in) for the output side."""
-        weight, proj = self.base_layer.weight, self.trainable
+    def form_student_weight(self) -> torch.Tensor:
+        """W_T @ P (out, d_S) for the input side, P^T @ W_T (d_S, in) for the output side, in W_T's dtype."""
+        weight = self.base_layer.weight
+        proj = self.trainable_as(weight.dtype)
         return weight @ proj if self.side == "input" else proj.T @ weight
+
+    def student_weight(self) -> torch.Tensor:
+        """The student weight this forward uses: the one held for the optimizer step (`FormedWeights`) while
+        gradients are recorded, else formed now."""
+        formed = self._state.formed
+        if formed is not None and torch.is_grad_enabled():
+            return formed.weight(self)
+        return self.form_student_weight()
 
     def student_bias(self) -> torch.Tensor | None:
         bias = self.base_layer.bias
         if bias is None or self.side == "input":
             return bias
-        return bias @ self.trainable
+        return bias @ self.trainable_as(bias.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_S) in the student pass, (..., d_T) or inner width in the teacher pass.
@@ -116,7 +182,7 @@ class RedLinear(RedLayer):
         return self._record(F.linear(x, self.student_weight(), self.student_bias()))
 
     def merged_state(self) -> dict[str, torch.Tensor]:
-        state = {"weight": self.student_weight()}
+        state = {"weight": self.form_student_weight()}
         if self.base_layer.bias is not None:
             state["bias"] = self.student_bias()
         return state
@@ -129,10 +195,11 @@ class RedEmbedding(RedLayer):
         """input_ids: (B, T) -> (B, T, d_S) in the student pass, (B, T, d_T) in the teacher pass."""
         hidden = self.base_layer(input_ids)
         # Gather then project: T x d_T x d_S work instead of forming the V x d_S table every step.
-        return hidden @ self.trainable if self._state.student else hidden
+        return hidden @ self.trainable_as(hidden.dtype) if self._state.student else hidden
 
     def merged_state(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.base_layer.weight @ self.trainable}
+        weight = self.base_layer.weight
+        return {"weight": weight @ self.trainable_as(weight.dtype)}
 
 
 class RedRMSNorm(RedLayer):
@@ -145,10 +212,11 @@ class RedRMSNorm(RedLayer):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not self._state.student:
             return self.base_layer(hidden_states)
-        return torch.func.functional_call(self.base_layer, {"weight": self.trainable}, (hidden_states,))
+        gain = self.trainable_as(self.base_layer.weight.dtype)
+        return torch.func.functional_call(self.base_layer, {"weight": gain}, (hidden_states,))
 
     def merged_state(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.trainable}
+        return {"weight": self.trainable_as(self.base_layer.weight.dtype)}
 
 
 # Modules a sharding engine must treat as one unit with their base layer (ZeRO-3 leaf modules)

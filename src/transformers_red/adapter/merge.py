@@ -67,7 +67,7 @@ def _fold_embedding_scale(state: dict[str, torch.Tensor], red_model: Any) -> Non
 def build_merged_model(red_model: Any, progressbar: bool = False) -> Any:
     """A new `type(teacher)` of width d_S holding the merged weights, on the teacher's device and dtype."""
     teacher = red_model.base_model
-    weight = next(teacher.parameters())
+    weight = _teacher_weight(red_model)
     config = student_config(teacher.config, red_model.student_hidden_size)
     state = merged_state_dict(red_model, progressbar=progressbar)
     with torch.device(weight.device):
@@ -101,7 +101,7 @@ def _check_merge(red_model: Any, student: Any) -> None:
     otherwise produce a student that loads and generates but is not the model that was trained.
     """
     teacher = red_model.base_model
-    weight = next(teacher.parameters())
+    weight = _teacher_weight(red_model)
     ids = torch.arange(16, device=weight.device).remainder(teacher.config.get_text_config().vocab_size)[None]
     was_training = teacher.training
     teacher.eval()
@@ -117,6 +117,12 @@ def _check_merge(red_model: Any, student: Any) -> None:
                            f"(relative, max over logits; tolerance {tolerance:g} in {weight.dtype}): the "
                            f"{teacher.config.model_type!r} entry of the architecture registry does not describe this "
                            "model. Please report it with the teacher's config.")
+
+
+def _teacher_weight(red_model: Any) -> torch.Tensor:
+    """A frozen teacher weight (the embedding table): its device and dtype are the student's (the trainable tensors
+    may be float32 masters over a bf16 teacher)."""
+    return red_model.base_model.get_input_embeddings().base_layer.weight
 
 
 def _tied_keys(model: Any) -> set[str]:

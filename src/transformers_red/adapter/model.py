@@ -22,7 +22,7 @@ from .config import RedAdapterConfig
 from ..constants import ADAPTER_WEIGHTS_NAME
 from ..data import check_not_empty
 from .initialise import initial_norm_gain, initial_projection
-from .layer import RedEmbedding, RedLayer, RedLinear, RedRMSNorm, RedState
+from .layer import FormedWeights, RedEmbedding, RedLayer, RedLinear, RedRMSNorm, RedState
 from .merge import build_merged_model
 from .remote import adapter_folder, push_adapter
 
@@ -90,14 +90,15 @@ class RedModel(nn.Module):
 
     def _initial_value(self, cls: type[RedLayer], base: nn.Module, generator: torch.Generator) -> torch.Tensor:
         weight = base.weight
+        dtype = self.red_config.trainable_dtype_for(weight.dtype)
         if cls is RedRMSNorm:
             value = initial_norm_gain(weight, self.red_config.norm_init, self._channels, self.student_hidden_size,
                                       norm_offset=self.architecture.norm_offset)
         else:
             value = initial_projection(self.red_config.init, self.teacher_hidden_size, self.student_hidden_size,
                                        channels=self._channels, std=self.red_config.init_std,
-                                       generator=generator, dtype=weight.dtype)
-        return value.to(device=weight.device, dtype=weight.dtype)
+                                       generator=generator, dtype=dtype)
+        return value.to(device=weight.device, dtype=dtype)
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, *args: Any, red_hidden_and_head: bool = False, **kwargs: Any) -> Any:
@@ -176,6 +177,31 @@ class RedModel(nn.Module):
             yield state.capture
         finally:
             state.capture, state.capture_names = previous
+
+    def form_weights_once(self) -> None:
+        """Hold each student weight W_T @ P, once formed, until `backward_formed_weights()` (gradient accumulation).
+
+        Between the two calls every forward that records gradients reuses the held weights, and their gradients
+        accumulate on them instead of reaching the projections: call `backward_formed_weights()` after the last
+        micro-batch's backward and before gradient clipping and the optimizer step. One process only (DDP/FSDP
+        reduce the projections' gradients during each backward). `RedDistillationTrainer` does this for you
+        (`RedConfig.form_student_weights`). A second call while weights are held keeps them.
+        """
+        if self._red_state.formed is None:
+            self._red_state.formed = FormedWeights()
+
+    def backward_formed_weights(self) -> None:
+        """Backpropagate the gradients accumulated on the held student weights into the projections (one backward
+        through the forming, exact by linearity) and stop holding weights. Nothing happens when none are held."""
+        formed, self._red_state.formed = self._red_state.formed, None
+        if formed is not None:
+            formed.backward()
+
+    def discard_formed_weights(self) -> None:
+        """Stop holding weights and drop their pending gradients (after a failed step)."""
+        formed, self._red_state.formed = self._red_state.formed, None
+        if formed is not None:
+            formed.clear()
 
     # ---------------------------------------------------------------------------------- introspection
     def red_layers(self) -> Iterator[tuple[str, RedLayer]]:

@@ -92,9 +92,9 @@ class CloneLoss:
         """
         if term not in RESIDUAL_TERMS:
             return (student, teacher) if rows is None else (student[..., rows], teacher[..., rows])
-        proj = self.projection(name)
+        proj = self.projection(name).to(student.dtype)  # a float32 master projection is cast like the forward's
         if self.output_space == "student":
-            return student, teacher.to(proj.dtype) @ proj
+            return student, teacher.to(student.dtype) @ proj
         return student @ proj.T, teacher
 
     @torch.no_grad()

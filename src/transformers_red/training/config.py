@@ -15,6 +15,7 @@ from .clone import CLONE_NORMALIZATIONS
 from ..adapter.config import RedAdapterConfig
 
 TRAIN_TARGETS = ("projections", "weights")
+FORMING_MODES = ("auto", "per_step", "per_forward")
 
 
 @dataclass
@@ -81,6 +82,13 @@ class RedConfig(SFTConfig):
         "help": "'logits': the losses from the models' (B, T, V) logits (fused, one extra (B, T, V) gradient "
                 "buffer); 'hidden_states': from the final hidden states and head weights, loss_chunk_size trained "
                 "tokens at a time, so no (B, T, V) tensor is held (large vocabularies; one process for now)."})
+    form_student_weights: str = field(default="auto", metadata={
+        "help": "When the student weights W_T @ P are formed: 'per_step' once per optimizer step, their gradients "
+                "accumulated over the micro-batches and sent into the projections in one backward at the step "
+                "boundary (exact; saves the forming of every micro-batch but the first; holds a float32 copy of "
+                "the student weights and its gradient during the step; one process only); 'per_forward' in every "
+                "forward; 'auto' (default): 'per_step' when gradient_accumulation_steps > 1 in a single process "
+                "without DeepSpeed, else 'per_forward'."})
     loss_chunk_size: int = field(default=1024, metadata={
         "help": "Tokens per chunk of the logit losses (bounds float32 (chunk, V) temporaries)."})
     disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the teacher and student."})
@@ -137,6 +145,9 @@ class RedConfig(SFTConfig):
             problems.append(f"train must be one of {list(TRAIN_TARGETS)}, got {self.train!r}")
         if self.logit_loss_from not in ("logits", "hidden_states"):
             problems.append(f"logit_loss_from must be 'logits' or 'hidden_states', got {self.logit_loss_from!r}")
+        if self.form_student_weights not in FORMING_MODES:
+            problems.append(f"form_student_weights must be one of {list(FORMING_MODES)}, got "
+                            f"{self.form_student_weights!r}")
         if self.loss_chunk_size <= 0:
             problems.append(f"loss_chunk_size must be > 0, got {self.loss_chunk_size}")
         if self.erank_steps < 0 or self.erank_num_samples <= 0:

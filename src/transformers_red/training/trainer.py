@@ -161,6 +161,34 @@ class RedDistillationTrainer(SFTTrainer):
         self._clone_names = self._clone.names if self._clone is not None else frozenset()
         # CPU: keep the loss scratch between steps (no allocator cache); CUDA's caching allocator reuses it anyway
         self._loss_workspace = LogitLossWorkspace() if on_cpu else None
+        self._forms_per_step = self._forms_weights_per_step(args)
+
+    def _forms_weights_per_step(self, args: RedConfig) -> bool:
+        """Whether the student weights are formed once per optimizer step (`RedConfig.form_student_weights`)."""
+        if args.form_student_weights == "per_forward" or self._trains_weights:
+            return False
+        single = self.accelerator.num_processes == 1 and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        if args.form_student_weights == "per_step" and not single:
+            raise ValueError("form_student_weights='per_step' needs one process without DeepSpeed/FSDP: DDP, FSDP and "
+                             "DeepSpeed reduce the projections' gradients inside each micro-batch's backward, which "
+                             "would then carry none. Use 'auto' or 'per_forward'.")
+        return single and (args.form_student_weights == "per_step" or args.gradient_accumulation_steps > 1)
+
+    def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
+        """Trainer's step; with per-step forming the held student weights' gradients reach the projections after
+        the optimizer step's last micro-batch (`accelerator.sync_gradients`), before clipping and the update."""
+        if not self._forms_per_step:
+            return super().training_step(model, inputs, num_items_in_batch)
+        red = self.red_model
+        red.form_weights_once()
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        except BaseException:
+            red.discard_formed_weights()
+            raise
+        if self.accelerator.sync_gradients:
+            red.backward_formed_weights()
+        return loss
 
     # ---------------------------------------------------------------------------------------- setup
     @staticmethod
