@@ -151,9 +151,10 @@ def tensor_bytes(*sources) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ steps
-def make_plain_step(student, args, batch):
-    """A plain training step of a HF causal LM: forward with `labels` (HF's CE), backward, the optimizer `Trainer`
-    would build from `args` over all parameters, `zero_grad(set_to_none=True)`. Returns (step, optimizer)."""
+def make_plain_step(student, args, batch, accumulation: int = 1):
+    """A plain training step of a HF causal LM: `accumulation` micro-batches of forward with `labels` (HF's CE) and
+    backward, then the optimizer `Trainer` would build from `args` over all parameters, `zero_grad(set_to_none=True)`.
+    Returns (step, optimizer)."""
     from transformers import Trainer
 
     student.train()
@@ -161,8 +162,9 @@ def make_plain_step(student, args, batch):
     optimizer = optim_cls(student.parameters(), **optim_kwargs)
 
     def step():
-        out = student(**batch, use_cache=False)
-        out.loss.backward()
+        for _ in range(accumulation):
+            out = student(**batch, use_cache=False)
+            out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         del out
@@ -170,18 +172,23 @@ def make_plain_step(student, args, batch):
     return step, optimizer
 
 
-def make_trainer_step(trainer, batch):
-    """One optimizer step of a TRL / RED trainer without its loop: `trainer.training_step(trainer.model, inputs,
-    num_items_in_batch)`, then `optimizer.step()` and `zero_grad()` (the optimizer from `create_optimizer()`).
-    No clipping, scheduler, data loading or logging. Returns (step, num_items_in_batch)."""
+def make_trainer_step(trainer, batch, accumulation: int = 1):
+    """One optimizer step of a TRL / RED trainer without its loop: `accumulation` micro-batches of
+    `trainer.training_step(trainer.model, inputs, num_items_in_batch)`, with `sync_gradients` set as Trainer's loop
+    sets it (True on the last one only), then `optimizer.step()` and `zero_grad()` (the optimizer from
+    `create_optimizer()`). No clipping, scheduler, data loading or logging. Returns (step, num_items_in_batch)."""
     if trainer.optimizer is None:
         trainer.create_optimizer()
     inputs = {k: v.clone() for k, v in batch.items()}
-    num_items = trainer._get_num_items_in_batch([inputs], trainer.args.device)
+    num_items = trainer._get_num_items_in_batch([inputs] * accumulation, trainer.args.device)
     trainer.model.train()
+    gradient_state = trainer.accelerator.gradient_state
 
     def step():
-        loss = trainer.training_step(trainer.model, dict(inputs), num_items)
+        for i in range(accumulation):
+            gradient_state._set_sync_gradients(i == accumulation - 1)
+            loss = trainer.training_step(trainer.model, dict(inputs), num_items)
+        gradient_state._set_sync_gradients(True)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
         del loss

@@ -196,13 +196,14 @@ def make_phase_w(red, batch):
     return phase_w
 
 
-def make_phase_a(plain_teacher, batch):
+def make_phase_a(plain_teacher, batch, accumulation: int = 1):
     fwd = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def phase_a():
-        with torch.no_grad():
-            logits = plain_teacher(**fwd, use_cache=False).logits
-        del logits
+        for _ in range(accumulation):
+            with torch.no_grad():
+                logits = plain_teacher(**fwd, use_cache=False).logits
+            del logits
 
     return phase_a
 
@@ -222,7 +223,7 @@ def build_gkd_trainer(student, teacher, tokenizer, dataset, args, out_dir: str):
     config = GKDConfig(output_dir=out_dir, lmbda=0.0, beta=0.0, temperature=1.0,
                        per_device_train_batch_size=args.batch_size, max_length=args.seq_len, max_steps=10**6,
                        report_to=[], use_cpu=args.device == "cpu", save_strategy="no", logging_steps=10**6,
-                       disable_tqdm=True, bf16=False, seed=0)
+                       disable_tqdm=True, bf16=False, seed=0, gradient_accumulation_steps=args.grad_accum)
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
                          processing_class=tokenizer)
     trainer.create_optimizer()
@@ -404,7 +405,9 @@ def run_model(name: str, args) -> dict:
         config = RedConfig(output_dir=out_dir, per_device_train_batch_size=args.batch_size, max_length=args.seq_len,
                            max_steps=10**6, report_to=[], use_cpu=args.device == "cpu", save_strategy="no",
                            logging_steps=10**6, disable_tqdm=True, bf16=False, seed=0,
-                           keep_freed_cpu_memory=not args.return_freed_memory, **overrides)
+                           keep_freed_cpu_memory=not args.return_freed_memory,
+                           gradient_accumulation_steps=args.grad_accum,
+                           form_student_weights=args.form_student_weights, **overrides)
         trainer = RedDistillationTrainer(model=red, args=config, train_dataset=dataset, processing_class=tokenizer)
         trainer.create_optimizer()
         return trainer
@@ -413,23 +416,23 @@ def run_model(name: str, args) -> dict:
     wanted = set(args.phases)
     phases = {}  # in the order of ALL_PHASES
     if "a" in wanted:
-        phases["a"] = make_phase_a(plain_teacher, batch)
-    step_b, optimizer_b = make_plain_step(student, trainer.args, batch)
+        phases["a"] = make_phase_a(plain_teacher, batch, args.grad_accum)
+    step_b, optimizer_b = make_plain_step(student, trainer.args, batch, args.grad_accum)
     if "b" in wanted:
         phases["b"] = step_b
     if "w" in wanted:
         phases["w"] = make_phase_w(red, batch)
-    step_c, num_items = make_trainer_step(trainer, batch)
+    step_c, num_items = make_trainer_step(trainer, batch, args.grad_accum)
     if "c" in wanted:
         phases["c"] = step_c
     trainer_h = gkd = None
     if "h" in wanted:
         trainer_h = red_trainer(logit_loss_from="hidden_states")
-        phases["h"], _ = make_trainer_step(trainer_h, batch)
+        phases["h"], _ = make_trainer_step(trainer_h, batch, args.grad_accum)
     if "g" in wanted:
         gkd_student = red.merge_and_unload().to(device)
         gkd = build_gkd_trainer(gkd_student, plain_teacher, tokenizer, dataset, args, os.path.join(out_dir, "gkd"))
-        phases["g"], gkd_items = make_trainer_step(gkd, batch)
+        phases["g"], gkd_items = make_trainer_step(gkd, batch, args.grad_accum)
         assert int(gkd_items) == int(num_items), (gkd_items, num_items)
     resident = {"a": tensor_bytes(plain_teacher), "w": tensor_bytes(red)}
 
@@ -477,7 +480,7 @@ def run_model(name: str, args) -> dict:
               "min": {k: min(v) for k, v in times.items()},
               "cpu": {k: statistics.median(v) for k, v in cpu.items()},
               "memory": memory, "times": times,
-              "tokens": args.batch_size * args.seq_len, "rss": peak_rss_gib(),
+              "tokens": args.batch_size * args.seq_len * args.grad_accum, "grad_accum": args.grad_accum, "rss": peak_rss_gib(),
               "load": (load0[0], load1[0])}
 
     if args.breakdown:
@@ -517,7 +520,8 @@ def _header(text: str) -> None:
 def print_results(results: list[dict], args) -> None:
     full = [res for res in results if set("abwc") <= set(res["med"])]
     if full:
-        print(f"\n=== Results: batch {args.batch_size} x {args.seq_len} tokens on {args.device}; median wall seconds "
+        print(f"\n=== Results: batch {args.batch_size} x {args.seq_len} tokens x {args.grad_accum} micro-batches per "
+              f"step on {args.device}; median wall seconds "
               f"of {args.repeats} interleaved rounds after {args.warmup} warmup ===")
         _header(f"{'model':<10} {'(a) teach':>9} {'(b) stud':>9} {'(w) form':>9} {'(c) RED':>9} "
                 f"{'c/(a+b+w)':>10} {'c/(a+b)':>8} {'tok/s (c)':>10} {'peak RSS':>9}")
@@ -536,7 +540,8 @@ def print_results(results: list[dict], args) -> None:
                       f"c/(a+b)={m['c'] / (m['a'] + m['b']):.3f}")
 
     if any("g" in res["med"] for res in results):
-        print(f"\n=== RED against TRL's GKDTrainer (lmbda 0, beta 0, T 1), batch {args.batch_size} x {args.seq_len}: "
+        print(f"\n=== RED against TRL's GKDTrainer (lmbda 0, beta 0, T 1), batch {args.batch_size} x {args.seq_len} "
+              f"x {args.grad_accum} micro-batches (forming: {args.form_student_weights}): "
               f"step seconds, median wall (min wall) [median CPU] ===")
         _header(f"{'model':<10} {'(b) SFT':>23} {'(c) RED':>23} {'(h) RED hidden':>23} {'(g) GKD':>23} "
                 f"{'c/g':>23} {'h/g':>23}")
@@ -598,6 +603,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["tiny", "smollm2"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="micro-batches per optimizer step (every phase but (w) runs them all)")
+    parser.add_argument("--form-student-weights", choices=["auto", "per_step", "per_forward"], default="auto",
+                        help="RedConfig.form_student_weights of (c) and (h)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per model (after warmup)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds per model")
     parser.add_argument("--phases", nargs="+", choices=ALL_PHASES, default=list(ALL_PHASES),

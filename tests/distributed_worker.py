@@ -1,7 +1,7 @@
 """One RED distillation run, launched by tests/test_distributed.py under torchrun (gloo, CPU) or directly.
 
     python tests/distributed_worker.py OUT --grad_accum 2 [--engine ddp|fsdp2] [--resume] [--save_steps N]
-        [--logit_loss_from hidden_states] [--activation_checkpointing]
+        [--logit_loss_from hidden_states] [--activation_checkpointing] [--form_student_weights per_forward]
 
 Trains the tiny Llama teacher for `--steps` steps at global batch 4 (per-device batch 2 x `--grad_accum` x
 processes), then rank 0 writes `OUT/result.json` (projections, logged losses, channels) and the trainer exports
@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--logit_loss_from", default="logits")
     parser.add_argument("--activation_checkpointing", action="store_true")
+    parser.add_argument("--form_student_weights", default="auto")
     args = parser.parse_args()
     extra = {}
     if args.engine == "fsdp2":
@@ -49,6 +50,7 @@ def main() -> None:
                        use_cpu=True, seed=0, learning_rate=1e-2, calibration_num_samples=8, disable_tqdm=True,
                        erank_steps=2, erank_num_samples=4, lr_scheduler_type="constant",
                        logit_loss_from=args.logit_loss_from, activation_checkpointing=args.activation_checkpointing,
+                       form_student_weights=args.form_student_weights,
                        **extra)
     trainer = RedDistillationTrainer(model=make_teacher("llama", True, {}), args=config,
                                      train_dataset=datasets.Dataset.from_dict({"text": builtin_texts(32)}),
@@ -59,6 +61,7 @@ def main() -> None:
     if trainer.is_world_process_zero():
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         result = {"world_size": trainer.accelerator.num_processes, "losses": losses,
+                  "forms_per_step": trainer._forms_per_step,
                   "sharded": sorted({n.rsplit(".", 1)[-1] for n, p in trainer.model.named_parameters()
                                      if type(p.data).__name__ == "DTensor"}),
                   "model_class": type(trainer.model_wrapped).__name__,

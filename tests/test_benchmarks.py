@@ -134,13 +134,17 @@ def test_gpu_suite_without_cuda_and_without_tiny_exits_with_a_message(tmp_path, 
     assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "results.json").exists()
 
 
-def test_step_overhead_runs_every_phase_with_gkd(tmp_path):
-    """benchmarks/step_overhead.py at a tiny batch: a, b, w, c, h (hidden_states) and g (TRL's GKDTrainer)."""
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_step_overhead_runs_every_phase_with_gkd(tmp_path, grad_accum):
+    """benchmarks/step_overhead.py at a tiny batch: a, b, w, c, h (hidden_states) and g (TRL's GKDTrainer), with and
+    without gradient accumulation (RED then forms its weights once per step)."""
     bench = load_benchmark("step_overhead")
     out = tmp_path / "steps.json"
     assert bench.main(["--models", "tiny", "--batch-size", "2", "--seq-len", "16", "--repeats", "1",
-                       "--warmup", "0", "--threads", "1", "--calibration-samples", "2", "--json", str(out)]) == 0
+                       "--warmup", "0", "--threads", "1", "--calibration-samples", "2", "--json", str(out),
+                       "--grad-accum", str(grad_accum)]) == 0
     (result,) = json.loads(out.read_text())["results"]
+    assert result["grad_accum"] == grad_accum and result["tokens"] == 2 * 16 * grad_accum
     assert set(result["med"]) == {"a", "b", "w", "c", "h", "g"}
     assert all(t > 0 for t in result["med"].values())
     assert set(result["memory"]) == set(result["med"])

@@ -6,6 +6,8 @@
   learning rate moves the selection entries (in bf16, 1 + 1e-4 rounds back to 1).
 """
 
+import contextlib
+
 import datasets
 import pytest
 import torch
@@ -52,7 +54,7 @@ def test_forming_once_per_step_gives_the_update_of_forming_per_forward(tmp_path,
         calls[mode] = counter.calls
         states[mode] = trainer.red_model.adapter_state_dict()
         losses[mode] = [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
-        assert trainer.red_model._red_state.formed is None  # nothing held after the last step
+        assert not trainer.red_model.holds_formed_weights  # nothing held after the last step
     linears = sum(isinstance(m, RedLinear) for m in trainer.red_model.modules())
     assert calls["per_step"] == 2 * linears  # once per optimizer step
     assert calls["per_forward"] == 2 * 4 * linears  # once per micro-batch
@@ -73,35 +75,38 @@ def test_auto_forms_per_step_only_under_gradient_accumulation(tmp_path, data, to
 def test_held_weights_equal_formed_ones_and_a_changed_projection_with_pending_gradients_is_refused(input_ids):
     red = get_red_model(tiny_teacher(), RedAdapterConfig(width_ratio=0.5, init="random"))
     reference = red(input_ids=input_ids).logits
-    red.form_weights_once()
-    held = red(input_ids=input_ids).logits
-    torch.testing.assert_close(held, reference, rtol=0, atol=0)
-    with torch.no_grad():  # no gradients recorded: a merge or an eRank pass forms afresh
-        red(input_ids=input_ids)
-    assert len(red._red_state.formed) == sum(isinstance(m, RedLinear) for m in red.modules())
-    held.float().pow(2).mean().backward()
+    with red.hold_formed_weights(last_micro_batch=False):
+        held = red(input_ids=input_ids).logits
+        torch.testing.assert_close(held, reference, rtol=0, atol=0)
+        with torch.no_grad():  # no gradients recorded: a merge or an eRank pass forms afresh
+            red(input_ids=input_ids)
+        assert len(red._red_state.formed) == sum(isinstance(m, RedLinear) for m in red.modules())
+        held.float().pow(2).mean().backward()
+    assert red.holds_formed_weights and red._red_state.formed is None  # held between micro-batches only
     projection = red.projection("model.layers.0.self_attn.q_proj")
     assert projection.grad is None  # its gradient waits on the held weight
     with torch.no_grad():
-        projection.add_(1e-3)  # an optimizer step before backward_formed_weights()
-    with pytest.raises(RuntimeError, match="backward_formed_weights"):
-        red(input_ids=input_ids)
-    red.discard_formed_weights()
-    assert red._red_state.formed is None
+        projection.add_(1e-3)  # an optimizer step before the last micro-batch
+    with pytest.raises(RuntimeError, match="last_micro_batch=True"):
+        with red.hold_formed_weights(last_micro_batch=True):
+            red(input_ids=input_ids)
+    assert not red.holds_formed_weights  # an error forgets the held weights
     red(input_ids=input_ids)  # forms per forward again
 
 
-def test_backward_formed_weights_gives_the_gradients_of_forming_per_forward(input_ids):
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_held_weights_give_the_gradients_of_forming_per_forward(input_ids, micro_batches):
     red = get_red_model(tiny_teacher(), RedAdapterConfig(width_ratio=0.5, init="orthogonal"))
     params = red.trainable_parameters()
+    ids = torch.randint(0, 256, (micro_batches, 12), generator=torch.Generator().manual_seed(5))
 
     def grads(per_step):
         red.zero_grad(set_to_none=True)
-        if per_step:
-            red.form_weights_once()
-        for rows in (slice(0, 1), slice(1, 2)):  # two micro-batches
-            red(input_ids=input_ids[rows]).logits.float().pow(2).mean().backward()
-        red.backward_formed_weights()
+        for i in range(micro_batches):
+            last = i == micro_batches - 1
+            with red.hold_formed_weights(last) if per_step else contextlib.nullcontext():
+                red(input_ids=ids[i:i + 1]).logits.float().pow(2).mean().backward()
+        assert not red.holds_formed_weights
         return [p.grad.clone() for p in params]
 
     for a, b in zip(grads(per_step=False), grads(per_step=True)):

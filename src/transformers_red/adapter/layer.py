@@ -20,6 +20,7 @@ Under gradient accumulation the student weights can be formed once per optimizer
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -35,54 +36,72 @@ class RedState:
     capture: dict[str, torch.Tensor] | None = None  # module name -> output, while capturing
     capture_names: frozenset[str] | None = None  # which modules to capture (None: all)
     emit_weight: bool = False  # the LM head returns its weight instead of logits (`RedModel.hidden_and_head`)
-    formed: "FormedWeights | None" = None  # student weights held across micro-batches (`RedModel.form_weights_once`)
+    formed: "FormedWeights | None" = None  # student weights held over micro-batches (`RedModel.hold_formed_weights`)
+
+
+@dataclass
+class _HeldWeight:
+    formed: torch.Tensor  # W_S with its autograd graph back to the projection
+    leaf: torch.Tensor  # the detached copy earlier micro-batches use; their gradients accumulate on it
+    version: int  # the projection's version counter when formed (an optimizer step or a load changes it)
+    joined: bool = False  # the pending gradients are added to `formed`'s gradient (last micro-batch)
 
 
 class FormedWeights:
-    """Student weights W_S = form(W_T, P) formed once and reused by every micro-batch of one optimizer step.
+    """Student weights W_S = form(W_T, P) formed once per optimizer step and shared by its micro-batches.
 
-    Within an optimizer step the projections do not change, so each `RedLinear` forms its weight once (with its
-    autograd graph kept) and the micro-batches use a detached leaf copy whose gradient accumulates. `backward()`
-    then runs one backward through the forming with the accumulated gradients: exact by linearity of the chain
-    rule, and the forming costs once per step instead of once per micro-batch. The leaves are float32 when the
-    formed weight is bf16/fp16, so the accumulation over micro-batches does not round at half precision.
+    Within an optimizer step the projections do not change. Each `RedLinear` forms its weight on first use, with
+    its autograd graph kept; the micro-batches before the last use a detached leaf copy, on which their gradients
+    accumulate. The last micro-batch uses the formed weight itself, with the accumulated gradients added to its
+    gradient, so that micro-batch's own backward carries everything through the forming once, into the
+    projections (exact by linearity of the chain rule). The forming then costs once per optimizer step instead of
+    once per micro-batch, and the projections receive their gradients in the last backward, where DDP reduces them.
+    The leaves are float32 when W_S is bf16/fp16, so the accumulation does not round at half precision.
     """
 
     def __init__(self) -> None:
-        # layer name -> (formed weight with its graph, leaf the forwards use, projection version when formed)
-        self._entries: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._held: dict[str, _HeldWeight] = {}  # layer name -> its held weight
+        self.last_micro_batch = False
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._held)
 
-    def weight(self, layer: "RedLinear") -> torch.Tensor:
-        """The held student weight of `layer`, formed on first use in this step."""
-        entry = self._entries.get(layer.name)
-        if entry is not None and entry[2] != layer.trainable._version:
-            if entry[1].grad is not None:
+    def form(self, layers: Iterable["RedLinear"]) -> None:
+        """Form the weights of `layers` not held yet, before the forward: forming inside a checkpointed region
+        would save tensors in the first micro-batch's forward that its recomputation does not."""
+        for layer in layers:
+            self._held_weight(layer)
+
+    def _held_weight(self, layer: "RedLinear") -> _HeldWeight | None:
+        held = self._held.get(layer.name)
+        if held is not None and held.version != layer.trainable._version:
+            if held.leaf.grad is not None:
                 raise RuntimeError(
                     f"The projection of {layer.name} changed (an optimizer step or a load) while gradients of its "
-                    "formed weight were still pending: call RedModel.backward_formed_weights() after the last "
-                    "micro-batch's backward and before the optimizer step.")
-            entry = None
-        if entry is None:
+                    "held weight were still pending: the optimizer step's last micro-batch must run under "
+                    "RedModel.hold_formed_weights(last_micro_batch=True).")
+            held = None
+        if held is None:
             formed = layer.form_student_weight()
+            if not formed.requires_grad:  # a frozen projection: nothing to accumulate
+                return None
             low = formed.dtype in (torch.bfloat16, torch.float16)
-            leaf = formed.detach().to(torch.float32 if low else formed.dtype).requires_grad_(formed.requires_grad)
-            entry = self._entries[layer.name] = (formed, leaf, layer.trainable._version)
-        formed, leaf, _ = entry
-        return leaf if leaf.dtype == formed.dtype else leaf.to(formed.dtype)
+            leaf = formed.detach().to(torch.float32 if low else formed.dtype).requires_grad_()
+            held = self._held[layer.name] = _HeldWeight(formed, leaf, layer.trainable._version)
+        return held
 
-    def backward(self) -> None:
-        """Send the accumulated gradients of the held weights into the projections, then forget the weights."""
-        pairs = [(formed, leaf.grad) for formed, leaf, _ in self._entries.values() if leaf.grad is not None]
-        self._entries.clear()
-        if pairs:
-            torch.autograd.backward([f for f, _ in pairs], [g.to(f.dtype) for f, g in pairs])
-
-    def clear(self) -> None:
-        """Drop the held weights and their pending gradients."""
-        self._entries.clear()
+    def weight(self, layer: "RedLinear") -> torch.Tensor:
+        """The student weight of `layer` for this micro-batch (formed by `form`, or now on first use)."""
+        held = self._held_weight(layer)
+        if held is None:
+            return layer.form_student_weight()
+        if not self.last_micro_batch:
+            return held.leaf if held.leaf.dtype == held.formed.dtype else held.leaf.to(held.formed.dtype)
+        if not held.joined and held.leaf.grad is not None:
+            pending = held.leaf.grad  # a hook on a non-leaf runs once, on its total gradient
+            held.formed.register_hook(lambda grad: grad + pending.to(grad.dtype))
+        held.joined = True
+        return held.formed
 
 
 class RedLayer(nn.Module):

@@ -56,6 +56,7 @@ class RedModel(nn.Module):
         self.architecture = get_architecture(config.model_type)
         self.layout = model_layout(model, self.architecture)
         self._red_state = RedState()
+        self._held_weights: FormedWeights | None = None  # between micro-batches of one optimizer step
         self._channels = None if channels is None else torch.as_tensor(channels, dtype=torch.long)
         self.teacher_hidden_size = config.teacher_hidden_size
         self.student_hidden_size = config.student_hidden_size
@@ -178,30 +179,41 @@ class RedModel(nn.Module):
         finally:
             state.capture, state.capture_names = previous
 
-    def form_weights_once(self) -> None:
-        """Hold each student weight W_T @ P, once formed, until `backward_formed_weights()` (gradient accumulation).
+    @contextlib.contextmanager
+    def hold_formed_weights(self, last_micro_batch: bool) -> Iterator[None]:
+        """Run one micro-batch (forward and backward) of an optimizer step with the student weights formed once per
+        step (gradient accumulation; `FormedWeights`).
 
-        Between the two calls every forward that records gradients reuses the held weights, and their gradients
-        accumulate on them instead of reaching the projections: call `backward_formed_weights()` after the last
-        micro-batch's backward and before gradient clipping and the optimizer step. One process only (DDP/FSDP
-        reduce the projections' gradients during each backward). `RedDistillationTrainer` does this for you
-        (`RedConfig.form_student_weights`). A second call while weights are held keeps them.
+        Args:
+            last_micro_batch: False for every micro-batch but the optimizer step's last: their forwards reuse the
+                weights W_T @ P formed in the step's first micro-batch, and their gradients wait on those weights
+                instead of reaching the projections. True for the last: its backward sends its own and the waiting
+                gradients through the forming into the projections (so run clipping and the optimizer after it),
+                and the weights are forgotten on leaving. An error inside also forgets them.
+
+        Forwards outside this context, and forwards without gradients inside it, form their weights afresh.
+        `RedDistillationTrainer` does this for you (`RedConfig.form_student_weights`). Not with DeepSpeed ZeRO-3 or
+        FSDP, which free the gathered teacher weights after each forward.
         """
-        if self._red_state.formed is None:
-            self._red_state.formed = FormedWeights()
+        state = self._red_state
+        held = self._held_weights if self._held_weights is not None else FormedWeights()
+        held.last_micro_batch = last_micro_batch
+        state.formed = held
+        try:
+            if torch.is_grad_enabled():
+                held.form(layer for _, layer in self.red_layers() if isinstance(layer, RedLinear))
+            yield
+        except BaseException:
+            self._held_weights = None
+            raise
+        finally:
+            state.formed = None
+        self._held_weights = None if last_micro_batch else held
 
-    def backward_formed_weights(self) -> None:
-        """Backpropagate the gradients accumulated on the held student weights into the projections (one backward
-        through the forming, exact by linearity) and stop holding weights. Nothing happens when none are held."""
-        formed, self._red_state.formed = self._red_state.formed, None
-        if formed is not None:
-            formed.backward()
-
-    def discard_formed_weights(self) -> None:
-        """Stop holding weights and drop their pending gradients (after a failed step)."""
-        formed, self._red_state.formed = self._red_state.formed, None
-        if formed is not None:
-            formed.clear()
+    @property
+    def holds_formed_weights(self) -> bool:
+        """Whether student weights (and their pending gradients) are held for the next micro-batch."""
+        return self._held_weights is not None
 
     # ---------------------------------------------------------------------------------- introspection
     def red_layers(self) -> Iterator[tuple[str, RedLayer]]:

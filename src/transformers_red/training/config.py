@@ -81,14 +81,14 @@ class RedConfig(SFTConfig):
     logit_loss_from: str = field(default="logits", metadata={
         "help": "'logits': the losses from the models' (B, T, V) logits (fused, one extra (B, T, V) gradient "
                 "buffer); 'hidden_states': from the final hidden states and head weights, loss_chunk_size trained "
-                "tokens at a time, so no (B, T, V) tensor is held (large vocabularies; one process for now)."})
+                "tokens at a time, so no (B, T, V) tensor is held (large vocabularies)."})
     form_student_weights: str = field(default="auto", metadata={
         "help": "When the student weights W_T @ P are formed: 'per_step' once per optimizer step, their gradients "
-                "accumulated over the micro-batches and sent into the projections in one backward at the step "
-                "boundary (exact; saves the forming of every micro-batch but the first; holds a float32 copy of "
-                "the student weights and its gradient during the step; one process only); 'per_forward' in every "
-                "forward; 'auto' (default): 'per_step' when gradient_accumulation_steps > 1 in a single process "
-                "without DeepSpeed, else 'per_forward'."})
+                "accumulated over the micro-batches and sent into the projections by the last micro-batch's "
+                "backward (exact; saves the forming of every micro-batch but the first; holds a float32 copy of "
+                "the student weights and its gradient during the step; one process or DDP, not DeepSpeed/FSDP); "
+                "'per_forward' in every forward; 'auto' (default): 'per_step' when gradient_accumulation_steps > 1 "
+                "without DeepSpeed/FSDP, else 'per_forward'."})
     loss_chunk_size: int = field(default=1024, metadata={
         "help": "Tokens per chunk of the logit losses (bounds float32 (chunk, V) temporaries)."})
     disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the teacher and student."})

@@ -167,28 +167,21 @@ class RedDistillationTrainer(SFTTrainer):
         """Whether the student weights are formed once per optimizer step (`RedConfig.form_student_weights`)."""
         if args.form_student_weights == "per_forward" or self._trains_weights:
             return False
-        single = self.accelerator.num_processes == 1 and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
-        if args.form_student_weights == "per_step" and not single:
-            raise ValueError("form_student_weights='per_step' needs one process without DeepSpeed/FSDP: DDP, FSDP and "
-                             "DeepSpeed reduce the projections' gradients inside each micro-batch's backward, which "
-                             "would then carry none. Use 'auto' or 'per_forward'.")
-        return single and (args.form_student_weights == "per_step" or args.gradient_accumulation_steps > 1)
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        if args.form_student_weights == "per_step" and sharded:
+            raise ValueError("form_student_weights='per_step' does not work with DeepSpeed or FSDP: they free the "
+                             "gathered teacher weights after each forward, and the held student weights would be "
+                             "formed from them again in the last backward. Use 'auto' or 'per_forward'.")
+        return not sharded and (args.form_student_weights == "per_step" or args.gradient_accumulation_steps > 1)
 
     def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
-        """Trainer's step; with per-step forming the held student weights' gradients reach the projections after
-        the optimizer step's last micro-batch (`accelerator.sync_gradients`), before clipping and the update."""
+        """Trainer's step; with per-step forming, one micro-batch under `RedModel.hold_formed_weights`, the last one
+        of the optimizer step (`accelerator.sync_gradients`, as Trainer's loop sets it) sending every micro-batch's
+        gradients into the projections."""
         if not self._forms_per_step:
             return super().training_step(model, inputs, num_items_in_batch)
-        red = self.red_model
-        red.form_weights_once()
-        try:
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        except BaseException:
-            red.discard_formed_weights()
-            raise
-        if self.accelerator.sync_gradients:
-            red.backward_formed_weights()
-        return loss
+        with self.red_model.hold_formed_weights(last_micro_batch=self.accelerator.sync_gradients):
+            return super().training_step(model, inputs, num_items_in_batch)
 
     # ---------------------------------------------------------------------------------------- setup
     @staticmethod
