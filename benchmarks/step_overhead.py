@@ -23,6 +23,9 @@ tokens (built-in English texts, labels = input_ids, no padding):
   (h) the same RED step with `RedConfig(logit_loss_from="hidden_states")` (a second trainer over the same
       RedModel, its own optimizer): logit losses from the final hidden states and head weights, chunk by chunk,
       no (B, T, V) tensor.
+  (f) the RED step of (c) with `RedConfig(form_student_weights="per_forward")` (a third trainer): with
+      `--grad-accum N` > 1, (c) forms the student weights once per optimizer step (the default) and (f) once per
+      micro-batch, so (c) / (f) is what per-step forming saves. Without accumulation the two are the same step.
   (g) GKD step: TRL's `GKDTrainer` (`trl.experimental.gkd`, else `trl.GKDTrainer`) with `lmbda=0` (supervised KD on
       the dataset, no generation), `beta=0` (forward KL), `temperature=1`, training a plain model of the teacher's
       class with the merged student's shapes and weights (a second `red.merge_and_unload()`) from the plain
@@ -86,7 +89,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (GIB, environment_line, make_plain_step, make_trainer_step, peak_memory,  # noqa: E402
                      peak_rss_gib, set_allocator_returns_memory, tensor_bytes, timed)
 
-ALL_PHASES = ("a", "b", "w", "c", "h", "g")
+ALL_PHASES = ("a", "b", "w", "c", "h", "f", "g")
 TARGET = 1.15  # the bound on (c) / ((a) + (b) + (w)) for SmolLM2 on CPU
 GKD_TARGET = 1.05  # what RED owes its users: (c) / (g) at any micro-batch size
 
@@ -429,6 +432,10 @@ def run_model(name: str, args) -> dict:
     if "h" in wanted:
         trainer_h = red_trainer(logit_loss_from="hidden_states")
         phases["h"], _ = make_trainer_step(trainer_h, batch, args.grad_accum)
+    trainer_f = None
+    if "f" in wanted:
+        trainer_f = red_trainer(form_student_weights="per_forward")
+        phases["f"], _ = make_trainer_step(trainer_f, batch, args.grad_accum)
     if "g" in wanted:
         gkd_student = red.merge_and_unload().to(device)
         gkd = build_gkd_trainer(gkd_student, plain_teacher, tokenizer, dataset, args, os.path.join(out_dir, "gkd"))
@@ -466,8 +473,9 @@ def run_model(name: str, args) -> dict:
     # resident state between steps (optimizer states exist after the first step)
     resident["b"] = tensor_bytes(student, optimizer_b)
     resident["c"] = tensor_bytes(red, trainer.optimizer)
-    if trainer_h is not None:
-        resident["h"] = tensor_bytes(red, trainer_h.optimizer)
+    for key, other in (("h", trainer_h), ("f", trainer_f)):
+        if other is not None:
+            resident[key] = tensor_bytes(red, other.optimizer)
     if gkd is not None:
         resident["g"] = tensor_bytes(gkd.model, gkd.optimizer, plain_teacher)
     memory = {}
@@ -492,7 +500,7 @@ def run_model(name: str, args) -> dict:
         print(f"  torch.profiler, one (c) step of {name} (top {args.profile_rows} ops by self CPU time):")
         profile_c(step_c, args.profile_rows)
 
-    del trainer, trainer_h, gkd, red, student, plain_teacher, teacher, phases
+    del trainer, trainer_h, trainer_f, gkd, red, student, plain_teacher, teacher, phases
     gc.unfreeze()
     gc.collect()
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -509,6 +517,7 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 PHASE_NAMES = {"a": "(a) teacher forward", "b": "(b) plain SFT step of the merged student",
                "w": "(w) weight forming", "c": "(c) RED step (logits)", "h": "(h) RED step (hidden_states)",
+               "f": "(f) RED step (logits, forming per forward)",
                "g": "(g) GKD step (TRL GKDTrainer)"}
 
 
@@ -543,8 +552,8 @@ def print_results(results: list[dict], args) -> None:
         print(f"\n=== RED against TRL's GKDTrainer (lmbda 0, beta 0, T 1), batch {args.batch_size} x {args.seq_len} "
               f"x {args.grad_accum} micro-batches (forming: {args.form_student_weights}): "
               f"step seconds, median wall (min wall) [median CPU] ===")
-        _header(f"{'model':<10} {'(b) SFT':>23} {'(c) RED':>23} {'(h) RED hidden':>23} {'(g) GKD':>23} "
-                f"{'c/g':>23} {'h/g':>23}")
+        _header(f"{'model':<10} {'(b) SFT':>23} {'(c) RED':>23} {'(h) RED hidden':>23} {'(f) RED per fwd':>23} "
+                f"{'(g) GKD':>23} {'c/g':>23} {'h/g':>23} {'f/g':>23}")
         for res in results:
             m, n, u = res["med"], res["min"], res["cpu"]
 
@@ -555,10 +564,10 @@ def print_results(results: list[dict], args) -> None:
                 r = _ratio(m, k, "g")
                 return "-" if r is None else f"{r:.3f} ({_ratio(n, k, 'g'):.3f}) [{_ratio(u, k, 'g'):.3f}]"
 
-            print(f"{res['model']:<10} {cell('b'):>23} {cell('c'):>23} {cell('h'):>23} {cell('g'):>23} "
-                  f"{ratio('c'):>23} {ratio('h'):>23}")
+            print(f"{res['model']:<10} {cell('b'):>23} {cell('c'):>23} {cell('h'):>23} {cell('f'):>23} "
+                  f"{cell('g'):>23} {ratio('c'):>23} {ratio('h'):>23} {ratio('f'):>23}")
         for res in results:
-            for key in ("c", "h"):
+            for key in ("c", "h", "f"):
                 r = _ratio(res["med"], key, "g")
                 if r is not None:
                     verdict = "within the bound" if r <= GKD_TARGET else (

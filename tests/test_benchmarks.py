@@ -136,8 +136,8 @@ def test_gpu_suite_without_cuda_and_without_tiny_exits_with_a_message(tmp_path, 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_step_overhead_runs_every_phase_with_gkd(tmp_path, grad_accum):
-    """benchmarks/step_overhead.py at a tiny batch: a, b, w, c, h (hidden_states) and g (TRL's GKDTrainer), with and
-    without gradient accumulation (RED then forms its weights once per step)."""
+    """benchmarks/step_overhead.py at a tiny batch: a, b, w, c, h (hidden_states), f (forming per forward) and g
+    (TRL's GKDTrainer), with and without gradient accumulation (RED then forms its weights once per step)."""
     bench = load_benchmark("step_overhead")
     out = tmp_path / "steps.json"
     assert bench.main(["--models", "tiny", "--batch-size", "2", "--seq-len", "16", "--repeats", "1",
@@ -145,7 +145,7 @@ def test_step_overhead_runs_every_phase_with_gkd(tmp_path, grad_accum):
                        "--grad-accum", str(grad_accum)]) == 0
     (result,) = json.loads(out.read_text())["results"]
     assert result["grad_accum"] == grad_accum and result["tokens"] == 2 * 16 * grad_accum
-    assert set(result["med"]) == {"a", "b", "w", "c", "h", "g"}
+    assert set(result["med"]) == {"a", "b", "w", "c", "h", "f", "g"}
     assert all(t > 0 for t in result["med"].values())
     assert set(result["memory"]) == set(result["med"])
     assert all(m["resident"] > 0 for m in result["memory"].values())

@@ -258,3 +258,34 @@ def test_the_examples_readme_names_every_config():
     readme = (EXAMPLES / "README.md").read_text()
     for name in ACCELERATE_CONFIGS:
         assert f"`{name}`" in readme
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_held_student_weights_are_what_per_step_forming_holds(tied):
+    """The 'held student weights' term (gradient accumulation, DDP) equals the bytes a RedModel holds between
+    micro-batches: every W_S as a float32 leaf with its float32 gradient over a bf16 teacher; 0 otherwise."""
+    import torch
+
+    teacher = tiny_teacher(tie_word_embeddings=tied).to(torch.bfloat16)
+    red = get_red_model(teacher, RedAdapterConfig(width_ratio=0.5, channel_indices=list(range(0, 64, 2))))
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    with red.hold_formed_weights(last_micro_batch=False):
+        red(input_ids=ids).logits.float().mean().backward()
+    held = red._held_weights._held.values()
+    measured = sum(h.leaf.numel() * h.leaf.element_size() + h.leaf.grad.numel() * h.leaf.grad.element_size()
+                   for h in held)
+    plan = estimate_memory(teacher.config, width_ratio=0.5, dtype="bf16", micro_batch_size=1,
+                           seq_len=8, gradient_accumulation_steps=4)
+    assert plan.components["held student weights"] == measured
+    assert "accumulation 4" in plan.table()
+    for kwargs in ({"gradient_accumulation_steps": 1}, {"gradient_accumulation_steps": 4, "engine": "fsdp"},
+                   {"gradient_accumulation_steps": 4, "held_weights": False}):
+        assert estimate_memory(teacher.config, width_ratio=0.5, dtype="bf16", micro_batch_size=1, seq_len=8,
+                               **kwargs).components["held student weights"] == 0
+    checkpointed = estimate_memory(teacher.config, width_ratio=0.5, dtype="bf16", micro_batch_size=1, seq_len=8,
+                                   gradient_accumulation_steps=4, activation_checkpointing=True)
+    formed = sum(h.formed.numel() * h.formed.element_size() for h in held)
+    assert (checkpointed.components["held student weights"] + checkpointed.components["student weights W_T @ P"]
+            == measured + formed)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        estimate_memory(teacher.config, gradient_accumulation_steps=0)

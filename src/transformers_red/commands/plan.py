@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clone_terms", nargs="*", default=list(CLONE_TERMS),
                    help="RedConfig.clone_terms (none: clone_weight=0); default all.")
     p.add_argument("--activation_checkpointing", action="store_true", help="Recompute student layers in backward.")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="Micro-batches per optimizer step (> 1 holds the formed student weights through the step).")
+    p.add_argument("--form_student_weights", default="auto", choices=["auto", "per_step", "per_forward"],
+                   help="RedConfig.form_student_weights (default auto).")
     p.add_argument("--share_projections", action="store_true", help="RedAdapterConfig.share_projections.")
     p.add_argument("--json", action="store_true", help="Print the estimate as JSON instead of the table.")
     return p
@@ -50,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            loss_chunk_size=args.loss_chunk_size, logit_loss_from=args.logit_loss_from,
                            clone_terms=tuple(args.clone_terms),
                            activation_checkpointing=args.activation_checkpointing,
-                           share_projections=args.share_projections)
+                           share_projections=args.share_projections,
+                           gradient_accumulation_steps=args.gradient_accumulation_steps,
+                           held_weights=args.form_student_weights != "per_forward")
     print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.table())
     return 0

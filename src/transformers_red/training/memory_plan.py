@@ -17,6 +17,7 @@ and FFN inner widths, n = norms per layer, N_T = teacher parameters, N_RED = tra
 | RED gradients | N_RED x 4 | fsdp, zero2, zero3 |
 | optimizer states | N_RED x 8 (AdamW's two moments) | fsdp, zero2, zero3 |
 | student weights W_T @ P | per-layer student linear weights x L (x 1 with checkpointing) + V x d_S, x b | no |
+| held student weights | per-step forming (accumulation > 1, ddp): all student weights W_S x (4 + 4 [b < 4] + b [ckpt]) | no |
 | student activations | B x T x b x (L x a_S + d_T + 2 d_S) (checkpointing: L x (d_S + c_S) + a_S + ...) | no |
 | teacher pass | B x T x b x (2 d_T + max(2 q + 2 kv, 3 I)) | no |
 | clone targets | B x T x b x L x c_T | no |
@@ -32,6 +33,10 @@ and FFN inner widths, n = norms per layer, N_T = teacher parameters, N_RED = tra
   plus the one prefetched; ZeRO-3's prefetch is similar.
 - Student weights: a RED linear forms W_T @ P in every forward and autograd keeps it for the backward (as input
   of `F.linear`), so the student's linear weights exist at width d_S next to the teacher's, plus the head's V x d_S.
+- Held student weights: with gradient accumulation (and not under FSDP / ZeRO), `RedConfig.form_student_weights`
+  'auto' forms every W_S once per optimizer step and keeps it through the step with a float32 gradient (and a
+  float32 copy when b < 4); with activation checkpointing the formed weights themselves (x b) add to the one
+  layer counted above. 0 with `form_student_weights='per_forward'` (`held_weights=False`).
 - a_S = 2 n d_S + 2 d_S + 3 q + 3 kv + 4 I elements per token and layer: norm inputs and outputs, the captured
   attention / FFN outputs, q, k, v before and after RoPE, the attention output, gate, up, act(gate) and
   act(gate) x up; no T x T scores (SDPA / flash attention). d_T + 2 d_S: the gathered embedding rows kept for
@@ -125,6 +130,7 @@ class MemoryPlan:
     activation_checkpointing: bool
     share_projections: bool
     clone_terms: tuple[str, ...]
+    gradient_accumulation_steps: int = 1
     components: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -147,7 +153,7 @@ class MemoryPlan:
         run = (f"{self.engine} on {self.gpus} GPU{'s' if self.gpus > 1 else ''}, micro batch {self.micro_batch_size} "
                f"x {self.seq_len} tokens, {self.dtype}, logit_loss_from={self.logit_loss_from}, activation "
                f"checkpointing {'on' if self.activation_checkpointing else 'off'}, clone terms "
-               f"{','.join(self.clone_terms) or 'none'}")
+               f"{','.join(self.clone_terms) or 'none'}, accumulation {self.gradient_accumulation_steps}")
         width = max(len(name) for name in [*self.components, "total"])
         rows = [f"{'component':<{width}}  GiB per GPU", f"{'-' * width}  -----------"]
         rows += [f"{name:<{width}}  {value / GIB:11.2f}" for name, value in self.components.items()]
@@ -222,7 +228,8 @@ def estimate_memory(config: Any, width_ratio: float | None = 0.5, target_hidden_
                     engine: str = "ddp", micro_batch_size: int = 8, seq_len: int = 2048, dtype: str = "bf16",
                     loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE, activation_checkpointing: bool = False,
                     share_projections: bool = False, logit_loss_from: str = "logits",
-                    clone_terms: tuple[str, ...] | list[str] = CLONE_TERMS) -> MemoryPlan:
+                    clone_terms: tuple[str, ...] | list[str] = CLONE_TERMS, gradient_accumulation_steps: int = 1,
+                    held_weights: bool = True) -> MemoryPlan:
     """Estimate the memory of one GPU distilling a RED student of the teacher `config` (see the module docstring).
 
     Args:
@@ -235,6 +242,9 @@ def estimate_memory(config: Any, width_ratio: float | None = 0.5, target_hidden_
         loss_chunk_size / logit_loss_from / clone_terms: as in `RedConfig` (clone_terms=() for clone_weight=0).
         activation_checkpointing: recompute each student layer in the backward.
         share_projections: as in `RedAdapterConfig`.
+        gradient_accumulation_steps / held_weights: micro-batches per optimizer step, and whether the student
+            weights are then formed once per step (`RedConfig.form_student_weights` 'auto' / 'per_step'; never
+            under fsdp / zero2 / zero3).
 
     Returns:
         a `MemoryPlan`: bytes per GPU by component, and the parameter counts.
@@ -247,7 +257,8 @@ def estimate_memory(config: Any, width_ratio: float | None = 0.5, target_hidden_
     if logit_loss_from not in LOGIT_PATHS:
         problems.append(f"logit_loss_from must be one of {list(LOGIT_PATHS)}, got {logit_loss_from!r}")
     for name, value in (("gpus", gpus), ("micro_batch_size", micro_batch_size), ("seq_len", seq_len),
-                        ("loss_chunk_size", loss_chunk_size)):
+                        ("loss_chunk_size", loss_chunk_size),
+                        ("gradient_accumulation_steps", gradient_accumulation_steps)):
         if not isinstance(value, int) or value <= 0:
             problems.append(f"{name} must be a positive integer, got {value!r}")
     unknown = set(clone_terms) - set(CLONE_TERMS)
@@ -276,6 +287,11 @@ def estimate_memory(config: Any, width_ratio: float | None = 0.5, target_hidden_
     else:
         kept = layers * layer_activations
         student_weights = layers * shapes.student_linear_weights * d_s
+    held = 0
+    if held_weights and gradient_accumulation_steps > 1 and engine == "ddp":
+        all_weights = layers * shapes.student_linear_weights * d_s + vocab * d_s
+        held = all_weights * (FP32 + (FP32 if b < FP32 else 0)) + (
+            all_weights * b - (student_weights + vocab * d_s) * b if activation_checkpointing else 0)
     chunk = min(loss_chunk_size, tokens)
     if logit_loss_from == "logits":
         logits = 3 * tokens * vocab * b + 3 * chunk * vocab * FP32
@@ -289,6 +305,7 @@ def estimate_memory(config: Any, width_ratio: float | None = 0.5, target_hidden_
         "RED gradients": n_red * GRADIENT_BYTES,
         "optimizer states": n_red * OPTIMIZER_BYTES,
         "student weights W_T @ P": (student_weights + vocab * d_s) * b,
+        "held student weights": held,
         "student activations": tokens * (kept + outside_layers) * b,
         "teacher pass": tokens * (2 * d_t + max(2 * q + 2 * kv, 3 * inner)) * b,
         "clone targets": tokens * layers * _captured_width(shapes, clone_terms, architecture, d_t) * b,
@@ -302,4 +319,5 @@ def estimate_memory(config: Any, width_ratio: float | None = 0.5, target_hidden_
                       trainable_parameters=n_red, gpus=gpus, engine=engine, micro_batch_size=micro_batch_size,
                       seq_len=seq_len, dtype=dtype, loss_chunk_size=loss_chunk_size, logit_loss_from=logit_loss_from,
                       activation_checkpointing=activation_checkpointing, share_projections=share_projections,
-                      clone_terms=clone_terms, components=components)
+                      clone_terms=clone_terms, gradient_accumulation_steps=gradient_accumulation_steps,
+                      components=components)
