@@ -410,7 +410,7 @@ def run_model(name: str, args) -> dict:
                            logging_steps=10**6, disable_tqdm=True, bf16=False, seed=0,
                            keep_freed_cpu_memory=not args.return_freed_memory,
                            gradient_accumulation_steps=args.grad_accum,
-                           form_student_weights=args.form_student_weights, **overrides)
+                           **{"form_student_weights": args.form_student_weights, **overrides})
         trainer = RedDistillationTrainer(model=red, args=config, train_dataset=dataset, processing_class=tokenizer)
         trainer.create_optimizer()
         return trainer

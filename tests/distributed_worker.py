@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--grad_accum", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--engine", choices=["ddp", "fsdp2"], default="ddp")
+    parser.add_argument("--engine", choices=["ddp", "fsdp2", "zero2", "zero3"], default="ddp")
     parser.add_argument("--save_steps", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--logit_loss_from", default="logits")
@@ -44,23 +44,37 @@ def main() -> None:
     if args.engine == "fsdp2":
         extra = dict(fsdp="full_shard", fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
                                                      "reshard_after_forward": True})
+    # built before the RedConfig: a DeepSpeed ZeRO-3 config makes transformers create every later model under zero.Init
+    teacher = make_teacher("llama", True, {})
+    use_cpu = True
+    if args.engine in ("zero2", "zero3"):
+        # DeepSpeed's CPU accelerator (gloo); accelerate turns DeepSpeed on only without use_cpu
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        use_cpu = False
+        stage = int(args.engine[-1])
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        extra = dict(deepspeed={"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": args.grad_accum,
+                                "train_batch_size": 2 * args.grad_accum * world, "gradient_clipping": "auto",
+                                "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0,
+                                                                          "stage3_gather_16bit_weights_on_model_save": True}
+                                                                         if stage == 3 else {})}})
     config = RedConfig(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=2,
                        gradient_accumulation_steps=args.grad_accum, max_length=32, logging_steps=1, report_to=[],
                        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
-                       use_cpu=True, seed=0, learning_rate=1e-2, calibration_num_samples=8, disable_tqdm=True,
+                       use_cpu=use_cpu, seed=0, learning_rate=1e-2, calibration_num_samples=8, disable_tqdm=True,
                        erank_steps=2, erank_num_samples=4, lr_scheduler_type="constant",
                        logit_loss_from=args.logit_loss_from, activation_checkpointing=args.activation_checkpointing,
                        form_student_weights=args.form_student_weights,
                        **extra)
-    trainer = RedDistillationTrainer(model=make_teacher("llama", True, {}), args=config,
+    trainer = RedDistillationTrainer(model=teacher, args=config,
                                      train_dataset=datasets.Dataset.from_dict({"text": builtin_texts(32)}),
                                      processing_class=byte_tokenizer())
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     trainer.save_model(os.path.join(args.out, "student"))
-    state = trainer.red_model.adapter_state_dict()  # every rank: a collective under FSDP2
+    state = trainer.red_model.adapter_state_dict()  # every rank: a collective under FSDP2 and ZeRO-3
     if trainer.is_world_process_zero():
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        result = {"world_size": trainer.accelerator.num_processes, "losses": losses,
+        result = {"world_size": trainer.accelerator.num_processes, "losses": losses, "out": args.out,
                   "forms_per_step": trainer._forms_per_step,
                   "sharded": sorted({n.rsplit(".", 1)[-1] for n, p in trainer.model.named_parameters()
                                      if type(p.data).__name__ == "DTensor"}),

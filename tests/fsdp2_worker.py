@@ -1,7 +1,10 @@
 """A RedModel under FSDP2 (`fully_shard` per decoder layer, then the root), launched by tests/test_distributed.py.
 
-    torchrun --nproc_per_node 2 tests/fsdp2_worker.py OUT [--tied] [--share]
-    python tests/fsdp2_worker.py OUT [--tied] [--share]          # the same computation on one process, unsharded
+    torchrun --nproc_per_node 2 tests/fsdp2_worker.py OUT [--tied] [--share] [--bf16]
+    python tests/fsdp2_worker.py OUT [--tied] [--share] [--bf16]   # the same computation on one process, unsharded
+
+`--bf16`: a bf16 teacher, so each FSDP unit mixes bf16 frozen weights with the float32 projections and gains
+(`RedAdapterConfig.trainable_dtype="float32"`).
 
 accelerate enables FSDP only for GPU-like devices, so on the CPU the test shards the model itself, as accelerate's
 `fsdp_version: 2` does (decoder layers, then the root). One SGD step of a distillation loss (student CE + KL to
@@ -33,10 +36,12 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--tied", action="store_true")
     parser.add_argument("--share", action="store_true")
+    parser.add_argument("--bf16", action="store_true")
     args = parser.parse_args()
     distributed = "WORLD_SIZE" in os.environ
     rank, world = 0, 1
-    red = get_red_model(make_teacher("llama", args.tied, {}),
+    teacher = make_teacher("llama", args.tied, {})
+    red = get_red_model(teacher.to(torch.bfloat16) if args.bf16 else teacher,
                         RedAdapterConfig(width_ratio=0.5, init="random", norm_init="ones", seed=3,
                                          share_projections=args.share))
     if distributed:
@@ -52,27 +57,31 @@ def main() -> None:
     input_ids = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
     mine = input_ids.chunk(world)[rank]
     with torch.no_grad(), red.disable_adapter():
-        teacher_logits = red(input_ids=mine).logits
-    logits = red(input_ids=mine).logits
+        teacher_logits = red(input_ids=mine).logits.float()
+    logits = red(input_ids=mine).logits.float()
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), mine[:, 1:].flatten())
     kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
                   reduction="batchmean")
     (ce + kl).backward()  # a mean over this rank's equal share: FSDP's averaged gradients are the global ones
     grads = {f"{kind}.{key}": p.grad for kind, store in (("projections", red.red_projections),
                                                          ("norms", red.red_norms)) for key, p in store.items()}
-    grads = {k: (g.full_tensor() if hasattr(g, "full_tensor") else g).tolist() for k, g in grads.items()}
+    grads = {k: (g.full_tensor() if hasattr(g, "full_tensor") else g) for k, g in grads.items()}
+    grad_dtypes = sorted({str(g.dtype) for g in grads.values()})
+    grads = {k: g.tolist() for k, g in grads.items()}
     with torch.no_grad():
         for p in red.trainable_parameters():
             p -= 0.5 * p.grad
     state = red.adapter_state_dict()  # a collective under FSDP2
     with whole_parameters(red):  # every rank merges: the merge checks itself with a forward, a collective here
-        merged_logits = red.merge_and_unload()(input_ids=input_ids).logits
+        merged = red.merge_and_unload()
+        merged_logits = merged(input_ids=input_ids).logits.float()
     if distributed:
         dist.barrier()
     if rank == 0:
         with open(os.path.join(args.out, "result.json"), "w", encoding="utf-8") as f:
             json.dump({"world_size": world, "sharded": sorted({type(p).__name__ for p in red.parameters()}),
-                       "grads": grads, "state": {k: v.tolist() for k, v in state.items()},
+                       "grads": grads, "grad_dtypes": grad_dtypes, "merged_dtype": str(merged.dtype),
+                       "state": {k: v.float().tolist() for k, v in state.items()},
                        "merged_logits": merged_logits.tolist()}, f)
     if distributed:
         dist.destroy_process_group()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -17,12 +18,16 @@ import torch
 from safetensors.torch import load_file
 
 HERE = os.path.dirname(__file__)
+ZERO3_BACKWARD_BUG = ("found, not fixed: with an untied LM head (or share_projections) ZeRO-3 on 2 CPU processes fails "
+                      "in the backward (AccumulateGrad: 'size of tensor a (0) must match ... (32)'); tied passes")
+BF16_GRADIENT_BOUND = 1e-3  # bf16 forwards of half the batch per rank round unlike the whole batch at once
 
 
-def _run(script: str, out, *args: str, processes: int = 1) -> dict:
+def _run(script: str, out, *args: str, processes: int = 1, torchrun: bool = False) -> dict:
     os.makedirs(out, exist_ok=True)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    command = [*(launcher if processes > 1 else [sys.executable]), os.path.join(HERE, script), str(out), *args]
+    command = [*(launcher if processes > 1 or torchrun else [sys.executable]), os.path.join(HERE, script), str(out),
+               *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -103,6 +108,21 @@ def test_ddp_with_accumulation_forms_weights_once_per_step(tmp_path, flags):
     assert _max_difference(one["state"], two["state"]) <= 1e-5
 
 
+def test_fsdp2_with_a_bf16_teacher_and_float32_projections_equals_one_process(tmp_path):
+    """Each FSDP2 unit holds bf16 frozen teacher weights and float32 projections / gains (mixed dtypes are
+    all-gathered as bytes; the reduce-scatter sees float32 gradients only): the same step as one process."""
+    one = _run("fsdp2_worker.py", tmp_path / "one", "--tied", "--bf16")
+    two = _run("fsdp2_worker.py", tmp_path / "two", "--tied", "--bf16", processes=2)
+    assert two["sharded"] == ["DTensor"] and two["grad_dtypes"] == one["grad_dtypes"] == ["torch.float32"]
+    assert two["merged_dtype"] == "torch.bfloat16"
+    print(f"bf16 teacher: max |gradient difference| {_max_difference(one['grads'], two['grads']):.2e}, "
+          f"state {_max_difference(one['state'], two['state']):.2e}")
+    assert _max_difference(one["grads"], two["grads"]) <= BF16_GRADIENT_BOUND
+    assert _max_difference(one["state"], two["state"]) <= BF16_GRADIENT_BOUND
+    torch.testing.assert_close(torch.tensor(two["merged_logits"]), torch.tensor(one["merged_logits"]),
+                               rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("variant", [["--tied"], ["--share"]], ids=["tied", "untied-shared"])
 def test_fsdp2_sharded_red_model_equals_one_process(tmp_path, variant):
     """Decoder layers sharded with the projections their wrappers own; gradients, the gathered adapter state and
@@ -111,6 +131,49 @@ def test_fsdp2_sharded_red_model_equals_one_process(tmp_path, variant):
     two = _run("fsdp2_worker.py", tmp_path / "two", *variant, processes=2)
     assert two["world_size"] == 2 and two["sharded"] == ["DTensor"]
     assert _max_difference(one["grads"], two["grads"]) <= 1e-6
+    assert _max_difference(one["state"], two["state"]) <= 1e-6
+    torch.testing.assert_close(torch.tensor(two["merged_logits"]), torch.tensor(one["merged_logits"]),
+                               rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ DeepSpeed
+# DeepSpeed's CPU accelerator (gloo): accelerate turns DeepSpeed on for the trainer under torchrun on one process here
+# (with two CPU processes accelerate's state counts one process, so the trainer is checked on one; the partitioning
+# itself on two, below, through deepspeed.initialize).
+@pytest.fixture(scope="module")
+def plain_one_process(tmp_path_factory):
+    return _run("distributed_worker.py", tmp_path_factory.mktemp("plain"), "--form_student_weights", "per_forward")
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_trainer_under_deepspeed_equals_the_plain_run(plain_one_process, tmp_path, engine):
+    """RedDistillationTrainer with a DeepSpeed config (ZeRO-3: every parameter partitioned, persistence threshold 0,
+    so each wrapper's forward gathers its teacher weight and projection as a leaf module; the clone targets' products
+    with P and the export merge run inside gathers): the plain single-process run's losses, eRank schedule,
+    projections and exported student."""
+    run = _run("distributed_worker.py", tmp_path, "--engine", engine, torchrun=True)
+    assert run["model_class"] == "DeepSpeedEngine"
+    assert run["losses"] == pytest.approx(plain_one_process["losses"], rel=1e-6, abs=0)
+    assert run["erank_steps"] == plain_one_process["erank_steps"] == [0, 2, 3]
+    assert _max_difference(plain_one_process["state"], run["state"]) <= 1e-5  # observed 0 (zero2), 5.4e-7 (zero3)
+    a, b = (load_file(str(folder / "student" / "model.safetensors"))
+            for folder in (tmp_path, pathlib.Path(plain_one_process["out"])))
+    assert set(a) == set(b) and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", [
+    pytest.param(["--tied"], id="tied"),
+    pytest.param([], id="untied", marks=pytest.mark.xfail(strict=True, reason=ZERO3_BACKWARD_BUG)),
+    pytest.param(["--share"], id="untied-shared", marks=pytest.mark.xfail(strict=True, reason=ZERO3_BACKWARD_BUG)),
+])
+def test_zero3_partitioned_red_model_on_two_processes_equals_one_process(tmp_path, variant):
+    """deepspeed.initialize(ZeRO-3) over a RedModel on 2 processes: every parameter partitioned and empty outside
+    forwards; one distillation step's gradients, the gathered adapter state and the merged student equal plain
+    PyTorch on one process."""
+    one = _run("zero3_worker.py", tmp_path / "one", "--reference", *variant)
+    two = _run("zero3_worker.py", tmp_path / "two", *variant, processes=2)
+    assert two["world_size"] == 2 and two["partitioned"] and two["empty_between_forwards"]
+    assert _max_difference(one["grads"], two["grads"]) <= 1e-6  # observed 7.5e-9
     assert _max_difference(one["state"], two["state"]) <= 1e-6
     torch.testing.assert_close(torch.tensor(two["merged_logits"]), torch.tensor(one["merged_logits"]),
                                rtol=1e-5, atol=1e-5)

@@ -37,6 +37,19 @@ class RedState:
     capture_names: frozenset[str] | None = None  # which modules to capture (None: all)
     emit_weight: bool = False  # the LM head returns its weight instead of logits (`RedModel.hidden_and_head`)
     formed: "FormedWeights | None" = None  # student weights held over micro-batches (`RedModel.hold_formed_weights`)
+    # clone-loss products that need a projection, made inside the owning wrapper's student forward
+    # (`RedModel.capture_activations(project_targets=..., lift=...)`)
+    clone_targets: dict[str, torch.Tensor] | None = None  # module name -> teacher output (..., d_T), recorded @ P
+    clone_lift: frozenset[str] | None = None  # modules whose student output is also recorded @ P^T
+
+
+# capture keys of the products above
+PROJECTED_SUFFIX = "@P"
+LIFTED_SUFFIX = "@P^T"
+
+
+def _kept(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 @dataclass
@@ -102,6 +115,46 @@ class FormedWeights:
             held.formed.register_hook(lambda grad: grad + pending.to(grad.dtype))
         held.joined = True
         return held.formed
+
+
+class StudentLinear(torch.autograd.Function):
+    """y = x @ W_S^T + b_S with W_S formed from the teacher weight and the projection, as one autograd node.
+
+    Its backward (the gradients of x and of P) runs as soon as y's gradient arrives, while a sharding engine still
+    has W_T and P gathered for this module: with autograd's own graph, the forming matmul is a separate node that
+    the engine may run after DeepSpeed ZeRO-3 has released the module's parameters (its post-backward hook fires
+    on the gradient of x). The arithmetic is the one `F.linear(x, W_T @ P, b)` does.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, proj: torch.Tensor, bias: torch.Tensor | None,
+                side: str) -> torch.Tensor:
+        """x: (..., in_S); weight: the teacher's (out, in); proj: P (d_T, d_S); bias: (out,) or None."""
+        p = proj.to(weight.dtype)
+        if side == "input":  # W_S = W_T @ P (out, d_S); the bias stays
+            student_weight, student_bias = weight @ p, bias
+        else:  # W_S = P^T @ W_T (d_S, in); b_S = b_T @ P
+            student_weight, student_bias = p.T @ weight, None if bias is None else bias @ p
+        ctx.side, ctx.proj_dtype, ctx.has_bias = side, proj.dtype, bias is not None
+        ctx.save_for_backward(x, weight, p, student_weight, bias if side == "output" else None)
+        return F.linear(x, student_weight, student_bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, p, student_weight, bias = ctx.saved_tensors
+        grad_x = grad @ student_weight if ctx.needs_input_grad[0] else None
+        grad_proj = None
+        if ctx.needs_input_grad[2]:
+            grad_2d = grad.reshape(-1, grad.shape[-1])
+            grad_student = grad_2d.T @ x.reshape(-1, x.shape[-1])  # (out_S, in_S), as F.linear's weight gradient
+            if ctx.side == "input":
+                grad_proj = weight.T @ grad_student
+            else:
+                grad_proj = weight @ grad_student.T
+                if bias is not None:
+                    grad_proj = grad_proj + torch.outer(bias, grad_2d.sum(0))
+            grad_proj = grad_proj.to(ctx.proj_dtype)
+        return grad_x, None, grad_proj, None, None
 
 
 class RedLayer(nn.Module):
@@ -198,7 +251,35 @@ class RedLinear(RedLayer):
             return weight.clone() if hasattr(weight, "ds_id") else weight  # ZeRO-3 frees it after this forward
         if not self._state.student:
             return self._record(self.base_layer(x))
-        return self._record(F.linear(x, self.student_weight(), self.student_bias()))
+        if self._state.formed is not None and torch.is_grad_enabled():
+            output = F.linear(x, self.student_weight(), self.student_bias())
+        else:
+            base = self.base_layer
+            output = StudentLinear.apply(x, base.weight, self.red_weight, base.bias, self.side)
+        output = self._record(output)
+        self._record_clone_products(output)
+        return output
+
+    def _record_clone_products(self, output: torch.Tensor) -> None:
+        """Record teacher output @ P and / or output @ P^T for the clone loss, inside this forward: sharding engines
+        have P whole only here (ZeRO-3 gathers it in this module's forward hooks, FSDP2 in its unit's).
+
+        Args:
+            output: (..., d_S), this wrapper's student output (an output-side module's).
+        """
+        state = self._state
+        targets, lift = state.clone_targets, state.clone_lift
+        wanted = (targets is not None and self.name in targets, lift is not None and self.name in lift)
+        if state.capture is None or not any(wanted):
+            return
+        proj = self.trainable_as(output.dtype)
+        # saved outside any activation checkpoint of this layer: its recomputation, which runs after the capture
+        # has ended, does not redo these products
+        with torch.autograd.graph.saved_tensors_hooks(_kept, _kept):
+            if wanted[0]:
+                state.capture[self.name + PROJECTED_SUFFIX] = targets[self.name].to(output.dtype) @ proj
+            if wanted[1]:
+                state.capture[self.name + LIFTED_SUFFIX] = output @ proj.T
 
     def merged_state(self) -> dict[str, torch.Tensor]:
         state = {"weight": self.form_student_weight()}

@@ -7,7 +7,9 @@ explicit `head_dim`; everything else of the config is the teacher's. It saves an
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -70,7 +72,7 @@ def build_merged_model(red_model: Any, progressbar: bool = False) -> Any:
     weight = _teacher_weight(red_model)
     config = student_config(teacher.config, red_model.student_hidden_size)
     state = merged_state_dict(red_model, progressbar=progressbar)
-    with torch.device(weight.device):
+    with torch.device(weight.device), _outside_zero3_init():
         student = type(teacher)._from_config(config, dtype=weight.dtype,
                                              attn_implementation=teacher.config._attn_implementation)
     missing, unexpected = student.load_state_dict(state, strict=False)
@@ -117,6 +119,28 @@ def _check_merge(red_model: Any, student: Any) -> None:
                            f"(relative, max over logits; tolerance {tolerance:g} in {weight.dtype}): the "
                            f"{teacher.config.model_type!r} entry of the architecture registry does not describe this "
                            "model. Please report it with the teacher's config.")
+
+
+@contextlib.contextmanager
+def _outside_zero3_init() -> Iterator[None]:
+    """While a ZeRO-3 Trainer runs, transformers builds every new model under `deepspeed.zero.Init`, which would
+    partition the merged student at creation (empty tensors on every rank); it is built whole instead (merged on
+    every rank inside `whole_parameters`, then written by rank 0). The Trainer's DeepSpeed config is restored after."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # transformers without its DeepSpeed integration
+        yield
+        return
+    reference = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    active = reference() if reference is not None else None
+    if active is None or not hf_deepspeed.is_deepspeed_zero3_enabled():
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(active)
 
 
 def _teacher_weight(red_model: Any) -> torch.Tensor:

@@ -154,30 +154,42 @@ class RedModel(nn.Module):
             self._red_state.student = previous
 
     @contextlib.contextmanager
-    def capture_activations(self, names: Iterable[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    def capture_activations(self, names: Iterable[str] | None = None,
+                            project_targets: dict[str, torch.Tensor] | None = None,
+                            lift: Iterable[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """Record the wrapped modules' outputs during forwards in this context.
 
         Args:
             names: module names (as in `targeted_module_names`) to record; None records every wrapped module.
                 Recording only what a loss uses lets the other outputs be freed as the forward goes.
+            project_targets: output-side module name -> a teacher output (B, T, d_T); in the student pass that
+                module records `target @ P` (B, T, d_S) under `name + "@P"`, computed inside its own forward, where
+                DeepSpeed ZeRO-3 and FSDP have its projection P whole (the clone loss's residual targets).
+            lift: output-side module names whose student output is also recorded as `output @ P^T` (B, T, d_T)
+                under `name + "@P^T"` (the clone loss in the teacher's space).
 
         Yields a dict, filled by the forward: module name -> output tensor. Inner-width outputs (q, k, v, gate,
         up pre-activations: (B, T, out)) compare directly between passes; attention and FFN outputs (o_proj,
         down_proj) are (B, T, d_S) in the student pass and (B, T, d_T) in the teacher pass.
         """
         state = self._red_state
-        previous = state.capture, state.capture_names
-        if names is not None:
-            names = frozenset(names)
-            unknown = names - set(self.targeted_module_names)
+        previous = state.capture, state.capture_names, state.clone_targets, state.clone_lift
+        lift = frozenset(lift) if lift is not None else None
+        output_side = {name for name, layer in self.red_layers()
+                       if isinstance(layer, RedLinear) and layer.side == "output"}
+        for what, given, allowed in (("names", names, set(self.targeted_module_names)),
+                                     ("project_targets", project_targets, output_side), ("lift", lift, output_side)):
+            unknown = set(given or ()) - allowed
             if unknown:
-                raise ValueError(f"capture_activations: {sorted(unknown)[:3]} are not wrapped modules; "
-                                 "pass names from `targeted_module_names`.")
-        state.capture, state.capture_names = {}, names
+                raise ValueError(f"capture_activations: {what} {sorted(unknown)[:3]} are not "
+                                 f"{'wrapped' if what == 'names' else 'output-side wrapped'} modules; pass names "
+                                 "from `targeted_module_names`.")
+        state.capture, state.capture_names = {}, None if names is None else frozenset(names)
+        state.clone_targets, state.clone_lift = project_targets, lift
         try:
             yield state.capture
         finally:
-            state.capture, state.capture_names = previous
+            state.capture, state.capture_names, state.clone_targets, state.clone_lift = previous
 
     @contextlib.contextmanager
     def hold_formed_weights(self, last_micro_batch: bool) -> Iterator[None]:
@@ -292,12 +304,19 @@ class RedModel(nn.Module):
         Args:
             model_state_dict: a full state dict of this RedModel that an engine already gathered (Trainer under
                 FSDP); the adapter tensors are taken from it. Default: read the parameters, which under FSDP2 are
-                sharded DTensors: then every rank must call this (it all-gathers them).
+                sharded DTensors and under DeepSpeed ZeRO-3 partitioned: then every rank must call this (it
+                all-gathers them).
         """
         params = self._adapter_parameters()
         if model_state_dict is not None:
             names = {id(p): n for n, p in self.named_parameters()}
             return {key: model_state_dict[names[id(p)]] for key, p in params.items()}
+        partitioned = [p for p in params.values() if hasattr(p, "ds_id")]
+        if partitioned:  # DeepSpeed ZeRO-3 keeps an empty tensor outside forwards: gather (every rank calls this)
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+                return {key: p.detach().clone() for key, p in params.items()}
         return {key: _full(p.detach()) for key, p in params.items()}
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:

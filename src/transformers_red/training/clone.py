@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..adapter.architectures import RESIDUAL_TERMS, Architecture, ModelLayout, find_in_layer
+from ..adapter.layer import LIFTED_SUFFIX, PROJECTED_SUFFIX
 from .losses import masked_mse_sum
 
 CLONE_NORMALIZATIONS = ("teacher_mean_square", "none")
@@ -82,20 +84,39 @@ class CloneLoss:
         """The modules whose outputs must be captured."""
         return frozenset(name for sites in self.module_names.values() for name, _ in sites)
 
-    def pair(self, term: str, name: str, rows: slice | None, student: torch.Tensor, teacher: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def student_requests(self, teacher: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """`RedModel.capture_activations` arguments for the student pass: the products with P that the residual
+        terms compare, made inside the wrappers' forwards (where sharding engines have P whole).
+
+        Args:
+            teacher: the teacher pass's captured outputs, module name -> (B, T, d_T) for the residual modules.
+        """
+        residual = [name for term in RESIDUAL_TERMS for name, _ in self.module_names.get(term, [])]
+        if self.output_space == "student":
+            return {"project_targets": {name: teacher[name] for name in residual}}
+        return {"lift": residual}
+
+    def pair(self, term: str, name: str, rows: slice | None, student: torch.Tensor, teacher: torch.Tensor,
+             products: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(student, target) of one module output in the space where they are compared, each (B, T, D).
 
         Args:
             student, teacher: the module's outputs, (B, T, out) for the inner-width terms, (B, T, d_S) and
                 (B, T, d_T) for the residual ones.
+            products: the student pass's captures, holding `name@P` / `name@P^T` when the wrappers made them
+                (`student_requests`); otherwise P is read through `projection` (a plain student's fixed
+                projections, the calibration before training).
         """
         if term not in RESIDUAL_TERMS:
             return (student, teacher) if rows is None else (student[..., rows], teacher[..., rows])
-        proj = self.projection(name).to(student.dtype)  # a float32 master projection is cast like the forward's
+        products = products or {}
         if self.output_space == "student":
-            return student, teacher.to(student.dtype) @ proj
-        return student @ proj.T, teacher
+            target = products.get(name + PROJECTED_SUFFIX)
+            if target is None:
+                target = teacher.to(student.dtype) @ self.projection(name).to(student.dtype)
+            return student, target
+        lifted = products.get(name + LIFTED_SUFFIX)
+        return (student @ self.projection(name).to(student.dtype).T if lifted is None else lifted), teacher
 
     @torch.no_grad()
     def calibrate(self, teacher_outputs: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> None:
@@ -124,7 +145,7 @@ class CloneLoss:
         for term, sites in self.module_names.items():
             total = token_mask.new_zeros((), dtype=torch.float32)
             for name, rows in sites:
-                s, t = self.pair(term, name, rows, student[name], teacher[name])
+                s, t = self.pair(term, name, rows, student[name], teacher[name], student)
                 value = masked_mse_sum(s, t, token_mask)
                 total = total + (value if self.scales is None else value / self.scales[term, name])
             result[term] = total if self.normalization == "none" else total / max(1, len(sites))

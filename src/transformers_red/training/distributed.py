@@ -81,18 +81,6 @@ def whole_parameters(model: nn.Module) -> Iterator[None]:
             unit.reshard()
 
 
-def gathered_adapter_state(red_model: Any) -> dict[str, Any]:
-    """The full adapter tensors of a `RedModel` on every rank: FSDP2 DTensors are all-gathered by
-    `adapter_state_dict`, ZeRO-3 partitions are gathered here (the trainable ones only, not the teacher)."""
-    partitioned = [p for p in red_model.trainable_parameters() if hasattr(p, "ds_id")]
-    if not partitioned:
-        return red_model.adapter_state_dict()
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-        return {key: value.clone() for key, value in red_model.adapter_state_dict().items()}
-
-
 def _is_fsdp2_unit(module: nn.Module) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule

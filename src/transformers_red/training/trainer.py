@@ -43,7 +43,7 @@ from .checkpoints import (RUN_STATE_NAME, checkpoint_problem, last_complete_chec
 from .clone import CloneLoss, capture_outputs, clone_sites
 from .config import RedConfig
 from .cpu_memory import keep_freed_cpu_memory
-from .distributed import (barrier, from_main_process, gathered_adapter_state, is_distributed,
+from .distributed import (barrier, from_main_process, is_distributed,
                           register_zero3_leaf_modules, whole_parameters)
 from .losses import (IGNORE_INDEX, LogitLossWorkspace, fused_logit_loss, generalized_jsd_loss,
                      hidden_state_logit_loss, shift_labels)
@@ -333,10 +333,11 @@ class RedDistillationTrainer(SFTTrainer):
         hidden = hf_model.get_decoder()(**inputs, use_cache=False).last_hidden_state
         return hidden, head.weight, softcap
 
-    def _student_capture(self, model: Any):
+    def _student_capture(self, model: Any, teacher_acts: dict):
         if self._trains_weights:
             return capture_outputs(self.accelerator.unwrap_model(model), self._clone_names)
-        return self.red_model.capture_activations(self._clone_names)
+        requests = self._clone.student_requests(teacher_acts) if self._clone is not None else {}
+        return self.red_model.capture_activations(self._clone_names, **requests)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """CE + KL/JSD at temperature + alpha x clone MSE, summed over trained tokens / num_items_in_batch."""
@@ -349,7 +350,7 @@ class RedDistillationTrainer(SFTTrainer):
         if args.logit_loss_from == "hidden_states" and not return_outputs:
             with self._teacher_pass() as (teacher, teacher_acts):
                 t_hidden, t_head, t_cap = self._final_hidden_and_head(teacher, forward_inputs)
-            with self._student_capture(model) as student_acts:
+            with self._student_capture(model, teacher_acts) as student_acts:
                 s_hidden, s_head, s_cap = self._final_hidden_and_head(model, forward_inputs)
             logit_loss, (kd, ce, teacher_ce) = hidden_state_logit_loss(
                 s_hidden, s_head, t_hidden, t_head, labels, softcap=s_cap, teacher_softcap=t_cap, **losses)
@@ -357,7 +358,7 @@ class RedDistillationTrainer(SFTTrainer):
         else:
             with self._teacher_pass() as (teacher, teacher_acts):
                 teacher_logits = teacher(**forward_inputs, use_cache=False).logits
-            with self._student_capture(model) as student_acts:
+            with self._student_capture(model, teacher_acts) as student_acts:
                 outputs = model(**forward_inputs, use_cache=False)
             logit_loss, (kd, ce, teacher_ce) = fused_logit_loss(outputs.logits, teacher_logits, labels, **losses)
             del teacher_logits
@@ -474,7 +475,7 @@ class RedDistillationTrainer(SFTTrainer):
             if self.is_fsdp_enabled and state_dict is not None:  # Trainer gathered the full state on the saving rank
                 adapter = red.adapter_state_dict(state_dict) if self.args.should_save else None
             else:  # every rank takes part (a gather under FSDP2 / ZeRO-3)
-                adapter = gathered_adapter_state(red)
+                adapter = red.adapter_state_dict()  # gathers FSDP2 / ZeRO-3 shards on every rank
             if self.args.should_save:
                 red.save_pretrained(output_dir, adapter_state=adapter)
                 if self.processing_class is not None:
