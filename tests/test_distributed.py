@@ -18,8 +18,6 @@ import torch
 from safetensors.torch import load_file
 
 HERE = os.path.dirname(__file__)
-ZERO3_BACKWARD_BUG = ("found, not fixed: with an untied LM head (or share_projections) ZeRO-3 on 2 CPU processes fails "
-                      "in the backward (AccumulateGrad: 'size of tensor a (0) must match ... (32)'); tied passes")
 BF16_GRADIENT_BOUND = 1e-3  # bf16 forwards of half the batch per rank round unlike the whole batch at once
 
 
@@ -161,19 +159,16 @@ def test_trainer_under_deepspeed_equals_the_plain_run(plain_one_process, tmp_pat
     assert set(a) == set(b) and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
 
 
-@pytest.mark.parametrize("variant", [
-    pytest.param(["--tied"], id="tied"),
-    pytest.param([], id="untied", marks=pytest.mark.xfail(strict=True, reason=ZERO3_BACKWARD_BUG)),
-    pytest.param(["--share"], id="untied-shared", marks=pytest.mark.xfail(strict=True, reason=ZERO3_BACKWARD_BUG)),
-])
+@pytest.mark.parametrize("variant", [["--tied"], [], ["--share"]], ids=["tied", "untied", "untied-shared"])
 def test_zero3_partitioned_red_model_on_two_processes_equals_one_process(tmp_path, variant):
     """deepspeed.initialize(ZeRO-3) over a RedModel on 2 processes: every parameter partitioned and empty outside
     forwards; one distillation step's gradients, the gathered adapter state and the merged student equal plain
-    PyTorch on one process."""
+    PyTorch on one process. Untied: the embedding's projection is reduced by ZeRO-3's per-parameter hooks (a leaf
+    module's backward hook would fire before it has a gradient: `ZERO3_LEAF_CLASSES`)."""
     one = _run("zero3_worker.py", tmp_path / "one", "--reference", *variant)
     two = _run("zero3_worker.py", tmp_path / "two", *variant, processes=2)
     assert two["world_size"] == 2 and two["partitioned"] and two["empty_between_forwards"]
-    assert _max_difference(one["grads"], two["grads"]) <= 1e-6  # observed 7.5e-9
+    assert _max_difference(one["grads"], two["grads"]) <= 1e-6  # observed 6.5e-9 to 7.5e-9
     assert _max_difference(one["state"], two["state"]) <= 1e-6
     torch.testing.assert_close(torch.tensor(two["merged_logits"]), torch.tensor(one["merged_logits"]),
                                rtol=1e-5, atol=1e-5)

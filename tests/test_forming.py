@@ -14,7 +14,7 @@ import torch
 from testing_utils import make_red_trainer, tiny_teacher
 
 from transformers_red import RedAdapterConfig, RedConfig, get_red_model
-from transformers_red.adapter.layer import RedLinear
+from transformers_red.adapter.layer import RedLinear, StudentLinear
 from transformers_red.resources import builtin_texts
 
 
@@ -24,18 +24,23 @@ def data():
 
 
 class FormingCounter:
-    """Counts `RedLinear.form_student_weight` calls made with gradients recorded (the training forwards)."""
+    """Counts the formings of student weights in training forwards: `StudentLinear` (forming per forward, inside one
+    autograd node) and `RedLinear.form_student_weight` called with gradients recorded (the held weights)."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        original = RedLinear.form_student_weight
+        form, fused = RedLinear.form_student_weight, StudentLinear.forward
 
-        def counted(layer):
-            if torch.is_grad_enabled():
-                self.calls += 1
-            return original(layer)
+        def counted_form(layer):
+            self.calls += torch.is_grad_enabled()
+            return form(layer)
 
-        monkeypatch.setattr(RedLinear, "form_student_weight", counted)
+        def counted_fused(ctx, *args):
+            self.calls += 1
+            return fused(ctx, *args)
+
+        monkeypatch.setattr(RedLinear, "form_student_weight", counted_form)
+        monkeypatch.setattr(StudentLinear, "forward", staticmethod(counted_fused))
 
 
 @pytest.mark.parametrize("logit_loss_from", ["logits", "hidden_states"])

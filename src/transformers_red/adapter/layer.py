@@ -10,7 +10,8 @@ exact teacher pass (`RedModel.disable_adapter()`), so one copy of the teacher se
 
 The student pass reads `base_layer.weight` inside the wrapper's own forward (forming W_T @ P once per forward is
 cheaper than projecting every token through the full-width module): engines must treat a wrapper as one unit
-with its base layer (`RED_LAYER_CLASSES` as ZeRO-3 leaf modules; FSDP units are whole decoder layers).
+with its base layer (`training.distributed.ZERO3_LEAF_CLASSES` as ZeRO-3 leaf modules; FSDP units are whole decoder
+layers), and the student linear is one autograd node (`StudentLinear`), so its backward runs while they are gathered.
 
 The trainable tensors may be kept in float32 over a bf16/fp16 teacher (`RedAdapterConfig.trainable_dtype`); every
 forward casts them to the base layer's dtype, so the arithmetic stays the teacher's and the gradients land in float32.
@@ -319,5 +320,5 @@ class RedRMSNorm(RedLayer):
         return {"weight": self.trainable_as(self.base_layer.weight.dtype)}
 
 
-# Modules a sharding engine must treat as one unit with their base layer (ZeRO-3 leaf modules)
+# The wrapper classes (`training.distributed.ZERO3_LEAF_CLASSES`: those ZeRO-3 gathers as one unit with their base layer)
 RED_LAYER_CLASSES = (RedLinear, RedEmbedding, RedRMSNorm)

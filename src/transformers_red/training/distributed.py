@@ -15,7 +15,14 @@ from typing import Any, TypeVar
 import torch.distributed as dist
 from torch import nn
 
-from ..adapter.layer import RED_LAYER_CLASSES
+from ..adapter.layer import RedLinear, RedRMSNorm
+
+# DeepSpeed reduces a leaf module's gradients in its full backward hook, which fires when the gradients of the
+# module's inputs are ready: for the embedding (integer input ids) that is before its projection's gradient exists,
+# so `RedEmbedding` is left to ZeRO-3's per-module hooks (its forward gathers the projection it owns and the base
+# embedding's forward its table). The linear and norm wrappers read their base layer's weight inside their own
+# forward and must be gathered as one unit with it.
+ZERO3_LEAF_CLASSES = (RedLinear, RedRMSNorm)
 
 T = TypeVar("T")
 
@@ -94,4 +101,4 @@ def register_zero3_leaf_modules(model: nn.Module) -> None:
     with the projection it owns (the student pass forms W_T @ P from both inside the wrapper's forward)."""
     from deepspeed.utils import set_z3_leaf_modules
 
-    set_z3_leaf_modules(model, list(RED_LAYER_CLASSES))
+    set_z3_leaf_modules(model, list(ZERO3_LEAF_CLASSES))
