@@ -14,8 +14,9 @@ it measures, in this order, on one batch of random token ids (labels = input_ids
   RED step:   `RedDistillationTrainer.training_step` + `optimizer.step()` + `zero_grad()` (the optimizer from
               `trainer.create_optimizer()`), `RedConfig(logit_loss_from="hidden_states", bf16=True)` and the other
               defaults (clone_weight 0.2 over all clone terms, KL + CE). The trainer calibrates on the built-in texts
-              through the byte tokenizer. The teacher's weights are bf16, so are the projections and their AdamW
-              state (RED builds them in the teacher's dtype); no autocast.
+              through the byte tokenizer. The teacher's weights are bf16; the projections, gains and their AdamW
+              state are float32 masters (`RedAdapterConfig.trainable_dtype`, cast to bf16 in each forward); no
+              autocast.
   plain step: the merged student (`red.merge_and_unload()`, a plain LlamaForCausalLM of width d_S, bf16) trained
               as a user would: forward with `labels` (HF's cross entropy on the full logits), backward, the AdamW
               `Trainer` would build (same class and arguments as the RED step's), `zero_grad(set_to_none=True)`.

@@ -140,22 +140,32 @@ def test_fsdp2_sharded_red_model_equals_one_process(tmp_path, variant):
 # itself on two, below, through deepspeed.initialize).
 @pytest.fixture(scope="module")
 def plain_one_process(tmp_path_factory):
-    return _run("distributed_worker.py", tmp_path_factory.mktemp("plain"), "--form_student_weights", "per_forward")
+    """flags -> the plain single-process run with them (cached)."""
+    runs = {}
+
+    def run(*flags: str) -> dict:
+        if flags not in runs:
+            runs[flags] = _run("distributed_worker.py", tmp_path_factory.mktemp("plain"), *flags)
+        return runs[flags]
+
+    return run
 
 
-@pytest.mark.parametrize("engine", ["zero2", "zero3"])
-def test_trainer_under_deepspeed_equals_the_plain_run(plain_one_process, tmp_path, engine):
+@pytest.mark.parametrize("engine, flags", [("zero2", ()), ("zero3", ()),
+                                           ("zero3", ("--logit_loss_from", "hidden_states"))],
+                         ids=["zero2", "zero3", "zero3-hidden-states"])
+def test_trainer_under_deepspeed_equals_the_plain_run(plain_one_process, tmp_path, engine, flags):
     """RedDistillationTrainer with a DeepSpeed config (ZeRO-3: every parameter partitioned, persistence threshold 0,
     so each wrapper's forward gathers its teacher weight and projection as a leaf module; the clone targets' products
-    with P and the export merge run inside gathers): the plain single-process run's losses, eRank schedule,
-    projections and exported student."""
-    run = _run("distributed_worker.py", tmp_path, "--engine", engine, torchrun=True)
+    with P, the head weight of the hidden-state loss and the export merge run inside gathers): the plain
+    single-process run's losses, eRank schedule, projections and exported student."""
+    plain = plain_one_process(*flags)
+    run = _run("distributed_worker.py", tmp_path, "--engine", engine, *flags, torchrun=True)
     assert run["model_class"] == "DeepSpeedEngine"
-    assert run["losses"] == pytest.approx(plain_one_process["losses"], rel=1e-6, abs=0)
-    assert run["erank_steps"] == plain_one_process["erank_steps"] == [0, 2, 3]
-    assert _max_difference(plain_one_process["state"], run["state"]) <= 1e-5  # observed 0 (zero2), 5.4e-7 (zero3)
-    a, b = (load_file(str(folder / "student" / "model.safetensors"))
-            for folder in (tmp_path, pathlib.Path(plain_one_process["out"])))
+    assert run["losses"] == pytest.approx(plain["losses"], rel=1e-6, abs=0)
+    assert run["erank_steps"] == plain["erank_steps"] == [0, 2, 3]
+    assert _max_difference(plain["state"], run["state"]) <= 1e-5  # observed 0 (zero2), 5.4e-7 (zero3)
+    a, b = (load_file(str(folder / "student" / "model.safetensors")) for folder in (tmp_path, pathlib.Path(plain["out"])))
     assert set(a) == set(b) and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
 
 

@@ -14,7 +14,7 @@ import torch
 from testing_utils import make_red_trainer, tiny_teacher
 
 from transformers_red import RedAdapterConfig, RedConfig, get_red_model
-from transformers_red.adapter.layer import RedLinear, StudentLinear
+from transformers_red.adapter.layer import EmittedStudentWeight, RedLinear, StudentLinear
 from transformers_red.resources import builtin_texts
 
 
@@ -24,23 +24,27 @@ def data():
 
 
 class FormingCounter:
-    """Counts the formings of student weights in training forwards: `StudentLinear` (forming per forward, inside one
-    autograd node) and `RedLinear.form_student_weight` called with gradients recorded (the held weights)."""
+    """Counts the formings of student weights in training forwards: `StudentLinear` / `EmittedStudentWeight` (forming
+    per forward) and `RedLinear.form_student_weight` called with gradients recorded (the held weights)."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        form, fused = RedLinear.form_student_weight, StudentLinear.forward
+        form = RedLinear.form_student_weight
 
         def counted_form(layer):
             self.calls += torch.is_grad_enabled()
             return form(layer)
 
-        def counted_fused(ctx, *args):
-            self.calls += 1
-            return fused(ctx, *args)
-
         monkeypatch.setattr(RedLinear, "form_student_weight", counted_form)
-        monkeypatch.setattr(StudentLinear, "forward", staticmethod(counted_fused))
+        for function in (StudentLinear, EmittedStudentWeight):  # forming per forward, inside one autograd node
+            monkeypatch.setattr(function, "forward", staticmethod(self._counted(function.forward)))
+
+    def _counted(self, forward):
+        def counted(ctx, *args):
+            self.calls += 1
+            return forward(ctx, *args)
+
+        return counted
 
 
 @pytest.mark.parametrize("logit_loss_from", ["logits", "hidden_states"])

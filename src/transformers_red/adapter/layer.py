@@ -158,6 +158,33 @@ class StudentLinear(torch.autograd.Function):
         return grad_x, None, grad_proj, None, None
 
 
+class EmittedStudentWeight(torch.autograd.Function):
+    """W_S formed from the teacher weight and P, returned by a wrapper's forward in place of its output (the LM head
+    under `RedState.emit_weight`), as one autograd node that also gives its input x a zero gradient.
+
+    The zero gradient ties the node to the module's input, so a sharding engine's module backward hook (DeepSpeed
+    ZeRO-3 reduces a leaf module's gradients there) fires after P's gradient exists, not before it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Tensor:
+        """x: the module's input (..., d_S), unused but for its gradient; weight (out, in); proj P (d_T, d_S)."""
+        p = proj.to(weight.dtype)
+        ctx.side, ctx.proj_dtype, ctx.x_meta = side, proj.dtype, (x.shape, x.dtype, x.device)
+        ctx.save_for_backward(weight)
+        return weight @ p if side == "input" else p.T @ weight
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        shape, dtype, device = ctx.x_meta
+        grad_x = torch.zeros(shape, dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
+        grad_proj = None
+        if ctx.needs_input_grad[2]:
+            grad_proj = (weight.T @ grad if ctx.side == "input" else weight @ grad.T).to(ctx.proj_dtype)
+        return grad_x, None, grad_proj, None
+
+
 class RedLayer(nn.Module):
     """Base of the wrappers: a frozen `base_layer`, the trainable tensor it owns, and the shared state.
 
@@ -247,7 +274,9 @@ class RedLinear(RedLayer):
         forward, so engines that gather parameters in forward hooks (ZeRO-3) have it whole."""
         if self._state.emit_weight:
             if self._state.student:
-                return self.student_weight()
+                if self._state.formed is not None and torch.is_grad_enabled():
+                    return self.student_weight()
+                return EmittedStudentWeight.apply(x, self.base_layer.weight, self.red_weight, self.side)
             weight = self.base_layer.weight
             return weight.clone() if hasattr(weight, "ds_id") else weight  # ZeRO-3 frees it after this forward
         if not self._state.student:
