@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--logit_loss_from", default="logits")
     parser.add_argument("--activation_checkpointing", action="store_true")
     parser.add_argument("--form_student_weights", default="auto")
+    parser.add_argument("--zero_init", action="store_true",
+                        help="ZeRO-3: load the teacher partitioned (from_pretrained under the DeepSpeed config)")
     args = parser.parse_args()
     extra = {}
     if args.engine == "fsdp2":
@@ -66,6 +68,17 @@ def main() -> None:
                        logit_loss_from=args.logit_loss_from, activation_checkpointing=args.activation_checkpointing,
                        form_student_weights=args.form_student_weights,
                        **extra)
+    if args.zero_init:  # as accelerate's zero3_init_flag: the RedConfig's DeepSpeed config makes from_pretrained
+        # partition the teacher while loading it
+        from transformers import AutoModelForCausalLM
+
+        source = os.path.join(args.out, "teacher")
+        if int(os.environ.get("RANK", "0")) == 0:
+            teacher.save_pretrained(source)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        teacher = AutoModelForCausalLM.from_pretrained(source).eval()
+    partitioned_teacher = all(hasattr(p, "ds_id") for p in teacher.parameters())
     trainer = RedDistillationTrainer(model=teacher, args=config,
                                      train_dataset=datasets.Dataset.from_dict({"text": builtin_texts(32)}),
                                      processing_class=byte_tokenizer())
@@ -75,7 +88,7 @@ def main() -> None:
     if trainer.is_world_process_zero():
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         result = {"world_size": trainer.accelerator.num_processes, "losses": losses, "out": args.out,
-                  "forms_per_step": trainer._forms_per_step,
+                  "forms_per_step": trainer._forms_per_step, "partitioned_teacher": partitioned_teacher,
                   "sharded": sorted({n.rsplit(".", 1)[-1] for n, p in trainer.model.named_parameters()
                                      if type(p.data).__name__ == "DTensor"}),
                   "model_class": type(trainer.model_wrapped).__name__,
