@@ -14,7 +14,8 @@ import torch
 from testing_utils import make_red_trainer, tiny_teacher
 
 from transformers_red import RedAdapterConfig, RedConfig, get_red_model
-from transformers_red.adapter.layer import EmittedStudentWeight, RedLinear, StudentLinear
+from transformers_red.adapter.forming import EmittedStudentWeight, StudentLinear
+from transformers_red.adapter.layer import RedLinear
 from transformers_red.resources import builtin_texts
 
 
@@ -166,3 +167,45 @@ def test_float32_adapter_round_trips_exactly_over_a_bf16_teacher(tmp_path, input
     torch.testing.assert_close(loaded(input_ids=input_ids).logits, red(input_ids=input_ids).logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match="trainable_dtype"):
         RedAdapterConfig(width_ratio=0.5, trainable_dtype="float16")
+
+
+# ------------------------------------------------------------------------------------------ one-node forming
+@pytest.mark.parametrize("side", ["input", "output"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_student_linear_gradients_equal_autograd_through_the_forming(side, bias):
+    """`StudentLinear` (one autograd node, so sharding engines run its backward while W_T and P are gathered) has
+    autograd's gradients of F.linear(x, form(W_T, P), b): float64 gradcheck, and equality in float32."""
+    gen = torch.Generator().manual_seed(0)
+    d_t, d_s, inner = 6, 4, 5
+    out, d_in = (inner, d_t) if side == "input" else (d_t, inner)
+    weight = torch.randn(out, d_in, generator=gen, dtype=torch.float64)
+    b = torch.randn(out, generator=gen, dtype=torch.float64) if bias else None
+    x = torch.randn(2, 3, d_s if side == "input" else inner, generator=gen, dtype=torch.float64, requires_grad=True)
+    proj = torch.randn(d_t, d_s, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, p: StudentLinear.apply(x, weight, p, b, side), (x, proj))
+
+    def reference(x, p, w, b):
+        formed = w @ p if side == "input" else p.T @ w
+        return torch.nn.functional.linear(x, formed, b if (b is None or side == "input") else b @ p)
+
+    x32, p32 = x.detach().float().requires_grad_(), proj.detach().float().requires_grad_()
+    w32, b32 = weight.float(), None if b is None else b.float()
+    g = torch.randn(2, 3, inner if side == "input" else d_s, generator=gen)
+    ours = torch.autograd.grad(StudentLinear.apply(x32, w32, p32, b32, side), (x32, p32), g)
+    theirs = torch.autograd.grad(reference(x32, p32, w32, b32), (x32, p32), g)
+    for a, r in zip(ours, theirs):
+        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_emitted_student_weight_is_the_formed_weight_with_a_zero_gradient_for_the_input(side):
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(5, 6, generator=gen, dtype=torch.float64) if side == "input" else torch.randn(
+        6, 5, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    proj = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, p: EmittedStudentWeight.apply(x, weight, p, side), (x, proj))
+    formed = EmittedStudentWeight.apply(x, weight, proj, side)
+    torch.testing.assert_close(formed, weight @ proj if side == "input" else proj.T @ weight, rtol=0, atol=0)
+    formed.sum().backward()
+    assert x.grad is not None and not x.grad.any()

@@ -11,22 +11,25 @@ exact teacher pass (`RedModel.disable_adapter()`), so one copy of the teacher se
 The student pass reads `base_layer.weight` inside the wrapper's own forward (forming W_T @ P once per forward is
 cheaper than projecting every token through the full-width module): engines must treat a wrapper as one unit
 with its base layer (`training.distributed.ZERO3_LEAF_CLASSES` as ZeRO-3 leaf modules; FSDP units are whole decoder
-layers), and the student linear is one autograd node (`StudentLinear`), so its backward runs while they are gathered.
+layers), and the student linear is one autograd node (`forming.StudentLinear`), so its backward runs while they are
+gathered.
 
 The trainable tensors may be kept in float32 over a bf16/fp16 teacher (`RedAdapterConfig.trainable_dtype`); every
 forward casts them to the base layer's dtype, so the arithmetic stays the teacher's and the gradients land in float32.
-Under gradient accumulation the student weights can be formed once per optimizer step (`FormedWeights`).
+How the student weights are formed (one autograd node per forward, or once per optimizer step under gradient
+accumulation) is `forming.py`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from collections.abc import Iterable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .forming import EmittedStudentWeight, FormedWeights, StudentLinear
 
 
 @dataclass
@@ -37,7 +40,7 @@ class RedState:
     capture: dict[str, torch.Tensor] | None = None  # module name -> output, while capturing
     capture_names: frozenset[str] | None = None  # which modules to capture (None: all)
     emit_weight: bool = False  # the LM head returns its weight instead of logits (`RedModel.hidden_and_head`)
-    formed: "FormedWeights | None" = None  # student weights held over micro-batches (`RedModel.hold_formed_weights`)
+    formed: FormedWeights | None = None  # student weights held over micro-batches (`RedModel.hold_formed_weights`)
     # clone-loss products that need a projection, made inside the owning wrapper's student forward
     # (`RedModel.capture_activations(project_targets=..., lift=...)`)
     clone_targets: dict[str, torch.Tensor] | None = None  # module name -> teacher output (..., d_T), recorded @ P
@@ -51,138 +54,6 @@ LIFTED_SUFFIX = "@P^T"
 
 def _kept(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
-
-
-@dataclass
-class _HeldWeight:
-    formed: torch.Tensor  # W_S with its autograd graph back to the projection
-    leaf: torch.Tensor  # the detached copy earlier micro-batches use; their gradients accumulate on it
-    version: int  # the projection's version counter when formed (an optimizer step or a load changes it)
-    joined: bool = False  # the pending gradients are added to `formed`'s gradient (last micro-batch)
-
-
-class FormedWeights:
-    """Student weights W_S = form(W_T, P) formed once per optimizer step and shared by its micro-batches.
-
-    Within an optimizer step the projections do not change. Each `RedLinear` forms its weight on first use, with
-    its autograd graph kept; the micro-batches before the last use a detached leaf copy, on which their gradients
-    accumulate. The last micro-batch uses the formed weight itself, with the accumulated gradients added to its
-    gradient, so that micro-batch's own backward carries everything through the forming once, into the
-    projections (exact by linearity of the chain rule). The forming then costs once per optimizer step instead of
-    once per micro-batch, and the projections receive their gradients in the last backward, where DDP reduces them.
-    The leaves are float32 when W_S is bf16/fp16, so the accumulation does not round at half precision.
-    """
-
-    def __init__(self) -> None:
-        self._held: dict[str, _HeldWeight] = {}  # layer name -> its held weight
-        self.last_micro_batch = False
-
-    def __len__(self) -> int:
-        return len(self._held)
-
-    def form(self, layers: Iterable["RedLinear"]) -> None:
-        """Form the weights of `layers` not held yet, before the forward: forming inside a checkpointed region
-        would save tensors in the first micro-batch's forward that its recomputation does not."""
-        for layer in layers:
-            self._held_weight(layer)
-
-    def _held_weight(self, layer: "RedLinear") -> _HeldWeight | None:
-        held = self._held.get(layer.name)
-        if held is not None and held.version != layer.trainable._version:
-            if held.leaf.grad is not None:
-                raise RuntimeError(
-                    f"The projection of {layer.name} changed (an optimizer step or a load) while gradients of its "
-                    "held weight were still pending: the optimizer step's last micro-batch must run under "
-                    "RedModel.hold_formed_weights(last_micro_batch=True).")
-            held = None
-        if held is None:
-            formed = layer.form_student_weight()
-            if not formed.requires_grad:  # a frozen projection: nothing to accumulate
-                return None
-            low = formed.dtype in (torch.bfloat16, torch.float16)
-            leaf = formed.detach().to(torch.float32 if low else formed.dtype).requires_grad_()
-            held = self._held[layer.name] = _HeldWeight(formed, leaf, layer.trainable._version)
-        return held
-
-    def weight(self, layer: "RedLinear") -> torch.Tensor:
-        """The student weight of `layer` for this micro-batch (formed by `form`, or now on first use)."""
-        held = self._held_weight(layer)
-        if held is None:
-            return layer.form_student_weight()
-        if not self.last_micro_batch:
-            return held.leaf if held.leaf.dtype == held.formed.dtype else held.leaf.to(held.formed.dtype)
-        if not held.joined and held.leaf.grad is not None:
-            pending = held.leaf.grad  # a hook on a non-leaf runs once, on its total gradient
-            held.formed.register_hook(lambda grad: grad + pending.to(grad.dtype))
-        held.joined = True
-        return held.formed
-
-
-class StudentLinear(torch.autograd.Function):
-    """y = x @ W_S^T + b_S with W_S formed from the teacher weight and the projection, as one autograd node.
-
-    Its backward (the gradients of x and of P) runs as soon as y's gradient arrives, while a sharding engine still
-    has W_T and P gathered for this module: with autograd's own graph, the forming matmul is a separate node that
-    the engine may run after DeepSpeed ZeRO-3 has released the module's parameters (its post-backward hook fires
-    on the gradient of x). The arithmetic is the one `F.linear(x, W_T @ P, b)` does.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, proj: torch.Tensor, bias: torch.Tensor | None,
-                side: str) -> torch.Tensor:
-        """x: (..., in_S); weight: the teacher's (out, in); proj: P (d_T, d_S); bias: (out,) or None."""
-        p = proj.to(weight.dtype)
-        if side == "input":  # W_S = W_T @ P (out, d_S); the bias stays
-            student_weight, student_bias = weight @ p, bias
-        else:  # W_S = P^T @ W_T (d_S, in); b_S = b_T @ P
-            student_weight, student_bias = p.T @ weight, None if bias is None else bias @ p
-        ctx.side, ctx.proj_dtype, ctx.has_bias = side, proj.dtype, bias is not None
-        ctx.save_for_backward(x, weight, p, student_weight, bias if side == "output" else None)
-        return F.linear(x, student_weight, student_bias)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight, p, student_weight, bias = ctx.saved_tensors
-        grad_x = grad @ student_weight if ctx.needs_input_grad[0] else None
-        grad_proj = None
-        if ctx.needs_input_grad[2]:
-            grad_2d = grad.reshape(-1, grad.shape[-1])
-            grad_student = grad_2d.T @ x.reshape(-1, x.shape[-1])  # (out_S, in_S), as F.linear's weight gradient
-            if ctx.side == "input":
-                grad_proj = weight.T @ grad_student
-            else:
-                grad_proj = weight @ grad_student.T
-                if bias is not None:
-                    grad_proj = grad_proj + torch.outer(bias, grad_2d.sum(0))
-            grad_proj = grad_proj.to(ctx.proj_dtype)
-        return grad_x, None, grad_proj, None, None
-
-
-class EmittedStudentWeight(torch.autograd.Function):
-    """W_S formed from the teacher weight and P, returned by a wrapper's forward in place of its output (the LM head
-    under `RedState.emit_weight`), as one autograd node that also gives its input x a zero gradient.
-
-    The zero gradient ties the node to the module's input, so a sharding engine's module backward hook (DeepSpeed
-    ZeRO-3 reduces a leaf module's gradients there) fires after P's gradient exists, not before it.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Tensor:
-        """x: the module's input (..., d_S), unused but for its gradient; weight (out, in); proj P (d_T, d_S)."""
-        p = proj.to(weight.dtype)
-        ctx.side, ctx.proj_dtype, ctx.x_meta = side, proj.dtype, (x.shape, x.dtype, x.device)
-        ctx.save_for_backward(weight)
-        return weight @ p if side == "input" else p.T @ weight
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (weight,) = ctx.saved_tensors
-        shape, dtype, device = ctx.x_meta
-        grad_x = torch.zeros(shape, dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
-        grad_proj = None
-        if ctx.needs_input_grad[2]:
-            grad_proj = (weight.T @ grad if ctx.side == "input" else weight @ grad.T).to(ctx.proj_dtype)
-        return grad_x, None, grad_proj, None
 
 
 class RedLayer(nn.Module):
