@@ -32,21 +32,35 @@ class FormingLayer(Protocol):
 @dataclass
 class _HeldWeight:
     formed: torch.Tensor  # W_S with its autograd graph back to the projection
-    leaf: torch.Tensor  # the detached copy earlier micro-batches use; their gradients accumulate on it
+    leaf: torch.Tensor  # W_S detached (same storage) for the micro-batches before the last
     version: int  # the projection's version counter when formed (an optimizer step or a load changes it)
+    accumulated: torch.Tensor | None = None  # float32 sum of a half-precision leaf's gradients
     joined: bool = False  # the pending gradients are added to `formed`'s gradient (last micro-batch)
+
+    @property
+    def pending(self) -> torch.Tensor | None:
+        """The gradients of W_S accumulated by the micro-batches so far (float32 for a bf16/fp16 W_S)."""
+        return self.accumulated if self.accumulated is not None else self.leaf.grad
+
+    def accumulate(self, leaf: torch.Tensor) -> None:
+        """Move a half-precision leaf's gradient into the float32 sum, so the accumulation over micro-batches does
+        not round at half precision and no float32 copy of W_S is kept (a post-accumulate-grad hook)."""
+        grad = leaf.grad.float()
+        self.accumulated = grad if self.accumulated is None else self.accumulated.add_(grad)
+        leaf.grad = None
 
 
 class FormedWeights:
     """Student weights W_S = form(W_T, P) formed once per optimizer step and shared by its micro-batches.
 
     Within an optimizer step the projections do not change. Each `RedLinear` forms its weight on first use, with
-    its autograd graph kept; the micro-batches before the last use a detached leaf copy, on which their gradients
-    accumulate. The last micro-batch uses the formed weight itself, with the accumulated gradients added to its
-    gradient, so that micro-batch's own backward carries everything through the forming once, into the
-    projections (exact by linearity of the chain rule). The forming then costs once per optimizer step instead of
-    once per micro-batch, and the projections receive their gradients in the last backward, where DDP reduces them.
-    The leaves are float32 when W_S is bf16/fp16, so the accumulation does not round at half precision.
+    its autograd graph kept; the micro-batches before the last use W_S detached (a leaf sharing its storage), on
+    which their gradients accumulate. The last micro-batch uses the formed weight itself, with the accumulated
+    gradients added to its gradient, so that micro-batch's own backward carries everything through the forming
+    once, into the projections (exact by linearity of the chain rule). The forming then costs once per optimizer
+    step instead of once per micro-batch, and the projections receive their gradients in the last backward, where
+    DDP reduces them. Held per weight: its gradient sum, float32 (a bf16/fp16 leaf's gradient is moved into a float32
+    sum after each micro-batch, so the accumulation does not round at half precision).
     """
 
     def __init__(self) -> None:
@@ -65,7 +79,7 @@ class FormedWeights:
     def _held_weight(self, layer: FormingLayer) -> _HeldWeight | None:
         held = self._held.get(layer.name)
         if held is not None and held.version != layer.trainable._version:
-            if held.leaf.grad is not None:
+            if held.pending is not None:
                 raise RuntimeError(
                     f"The projection of {layer.name} changed (an optimizer step or a load) while gradients of its "
                     "held weight were still pending: the optimizer step's last micro-batch must run under "
@@ -75,9 +89,10 @@ class FormedWeights:
             formed = layer.form_student_weight()
             if not formed.requires_grad:  # a frozen projection: nothing to accumulate
                 return None
-            low = formed.dtype in (torch.bfloat16, torch.float16)
-            leaf = formed.detach().to(torch.float32 if low else formed.dtype).requires_grad_()
-            held = self._held[layer.name] = _HeldWeight(formed, leaf, layer.trainable._version)
+            held = _HeldWeight(formed, formed.detach().requires_grad_(), layer.trainable._version)
+            if formed.dtype in (torch.bfloat16, torch.float16):
+                held.leaf.register_post_accumulate_grad_hook(held.accumulate)
+            self._held[layer.name] = held
         return held
 
     def weight(self, layer: FormingLayer) -> torch.Tensor:
@@ -86,9 +101,9 @@ class FormedWeights:
         if held is None:
             return layer.form_student_weight()
         if not self.last_micro_batch:
-            return held.leaf if held.leaf.dtype == held.formed.dtype else held.leaf.to(held.formed.dtype)
-        if not held.joined and held.leaf.grad is not None:
-            pending = held.leaf.grad  # a hook on a non-leaf runs once, on its total gradient
+            return held.leaf
+        pending = held.pending
+        if not held.joined and pending is not None:  # a hook on a non-leaf runs once, on its total gradient
             held.formed.register_hook(lambda grad: grad + pending.to(grad.dtype))
         held.joined = True
         return held.formed

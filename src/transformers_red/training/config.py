@@ -85,8 +85,8 @@ class RedConfig(SFTConfig):
     form_student_weights: str = field(default="auto", metadata={
         "help": "When the student weights W_T @ P are formed: 'per_step' once per optimizer step, their gradients "
                 "accumulated over the micro-batches and sent into the projections by the last micro-batch's "
-                "backward (exact; saves the forming of every micro-batch but the first; holds a float32 copy of "
-                "the student weights and its gradient during the step; one process or DDP, not DeepSpeed/FSDP); "
+                "backward (exact; saves the forming of every micro-batch but the first; holds the student weights "
+                "and a float32 sum of their gradients during the step; one process or DDP, not DeepSpeed/FSDP); "
                 "'per_forward' in every forward; 'auto' (default): 'per_step' when gradient_accumulation_steps > 1 "
                 "without DeepSpeed/FSDP, else 'per_forward'."})
     loss_chunk_size: int = field(default=1024, metadata={

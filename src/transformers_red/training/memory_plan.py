@@ -17,7 +17,7 @@ and FFN inner widths, n = norms per layer, N_T = teacher parameters, N_RED = tra
 | RED gradients | N_RED x 4 | fsdp, zero2, zero3 |
 | optimizer states | N_RED x 8 (AdamW's two moments) | fsdp, zero2, zero3 |
 | student weights W_T @ P | per-layer student linear weights x L (x 1 with checkpointing) + V x d_S, x b | no |
-| held student weights | per-step forming (accumulation > 1, ddp): all student weights W_S x (4 + 4 [b < 4] + b [ckpt]) | no |
+| held student weights | per-step forming (accumulation > 1, ddp): all student weights W_S x (4 + b [checkpointing]) | no |
 | student activations | B x T x b x (L x a_S + d_T + 2 d_S) (checkpointing: L x (d_S + c_S) + a_S + ...) | no |
 | teacher pass | B x T x b x (2 d_T + max(2 q + 2 kv, 3 I)) | no |
 | clone targets | B x T x b x L x c_T | no |
@@ -34,9 +34,8 @@ and FFN inner widths, n = norms per layer, N_T = teacher parameters, N_RED = tra
 - Student weights: a RED linear forms W_T @ P in every forward and autograd keeps it for the backward (as input
   of `F.linear`), so the student's linear weights exist at width d_S next to the teacher's, plus the head's V x d_S.
 - Held student weights: with gradient accumulation (and not under FSDP / ZeRO), `RedConfig.form_student_weights`
-  'auto' forms every W_S once per optimizer step and keeps it through the step with a float32 gradient (and a
-  float32 copy when b < 4); with activation checkpointing the formed weights themselves (x b) add to the one
-  layer counted above. 0 with `form_student_weights='per_forward'` (`held_weights=False`).
+  'auto' forms every W_S once per optimizer step and keeps it through the step with a float32 gradient sum; with
+  activation checkpointing the formed weights themselves (x b) add to the one layer counted above. 0 with `form_student_weights='per_forward'` (`held_weights=False`).
 - a_S = 2 n d_S + 2 d_S + 3 q + 3 kv + 4 I elements per token and layer: norm inputs and outputs, the captured
   attention / FFN outputs, q, k, v before and after RoPE, the attention output, gate, up, act(gate) and
   act(gate) x up; no T x T scores (SDPA / flash attention). d_T + 2 d_S: the gathered embedding rows kept for
@@ -290,8 +289,8 @@ def estimate_memory(config: Any, width_ratio: float | None = 0.5, target_hidden_
     held = 0
     if held_weights and gradient_accumulation_steps > 1 and engine == "ddp":
         all_weights = layers * shapes.student_linear_weights * d_s + vocab * d_s
-        held = all_weights * (FP32 + (FP32 if b < FP32 else 0)) + (
-            all_weights * b - (student_weights + vocab * d_s) * b if activation_checkpointing else 0)
+        held = all_weights * FP32 + (all_weights * b - (student_weights + vocab * d_s) * b
+                                     if activation_checkpointing else 0)
     chunk = min(loss_chunk_size, tokens)
     if logit_loss_from == "logits":
         logits = 3 * tokens * vocab * b + 3 * chunk * vocab * FP32
