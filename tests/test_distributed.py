@@ -203,3 +203,34 @@ def test_trainer_under_zero3_resumes_exactly_and_takes_a_teacher_loaded_partitio
     assert loaded["channels"] == plain["channels"]
     assert loaded["losses"] == pytest.approx(plain["losses"], rel=1e-6, abs=0)
     assert _max_difference(plain["state"], loaded["state"]) <= 1e-5  # observed 3.8e-6 (3 AdamW steps at lr 1e-2)
+
+
+def test_accelerate_launch_with_the_zero3_example_config_distils(tmp_path):
+    """The documented command (docs/multi_gpu.md) `accelerate launch --config_file examples/accelerate/zero3.yaml -m
+    transformers_red.commands distill ...` on one CPU process (DeepSpeed's CPU accelerator, mixed precision off):
+    with the config's zero3_init_flag the teacher is loaded partitioned; the export is a plain student whose card
+    counts the parameters (built outside zero.Init)."""
+    from transformers import AutoModelForCausalLM
+
+    from transformers_red.resources import builtin_texts, byte_tokenizer, tiny_trained_teacher
+
+    teacher = tmp_path / "teacher"
+    tiny_trained_teacher("llama").save_pretrained(teacher)
+    byte_tokenizer().save_pretrained(teacher)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in builtin_texts(32)))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               os.path.join(HERE, "..", "examples", "accelerate", "zero3.yaml"), "--num_processes", "1",
+               "--mixed_precision", "no", "-m", "transformers_red.commands", "distill",
+               "--teacher_model_name_or_path", str(teacher), "--dataset_path", str(data), "--output_dir", str(out),
+               "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_length", "32",
+               "--calibration_num_samples", "4", "--report_to", "none"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "Could not count the parameters" not in done.stdout + done.stderr
+    student = AutoModelForCausalLM.from_pretrained(out)
+    assert student.config.hidden_size == 32
+    card = (out / "README.md").read_text()
+    assert "student_parameters: 39072" in card and "teacher_parameters: 78144" in card

@@ -105,9 +105,11 @@ def count_parameters(config: dict[str, Any], hidden_size: int | None = None) -> 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .adapter.merge import outside_zero3_init
+
     try:
         cfg = AutoConfig.for_model(**{**config, **({"hidden_size": hidden_size} if hidden_size else {})})
-        with torch.device("meta"):
+        with torch.device("meta"), outside_zero3_init():
             return int(AutoModelForCausalLM.from_config(cfg).num_parameters())
     except Exception as err:  # an architecture transformers cannot build: leave the count out
         logger.warning("Could not count the parameters of a %s model: %s", config.get("model_type"), err)

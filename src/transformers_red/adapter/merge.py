@@ -72,7 +72,7 @@ def build_merged_model(red_model: Any, progressbar: bool = False) -> Any:
     weight = _teacher_weight(red_model)
     config = student_config(teacher.config, red_model.student_hidden_size)
     state = merged_state_dict(red_model, progressbar=progressbar)
-    with torch.device(weight.device), _outside_zero3_init():
+    with torch.device(weight.device), outside_zero3_init():
         student = type(teacher)._from_config(config, dtype=weight.dtype,
                                              attn_implementation=teacher.config._attn_implementation)
     missing, unexpected = student.load_state_dict(state, strict=False)
@@ -122,10 +122,13 @@ def _check_merge(red_model: Any, student: Any) -> None:
 
 
 @contextlib.contextmanager
-def _outside_zero3_init() -> Iterator[None]:
-    """While a ZeRO-3 Trainer runs, transformers builds every new model under `deepspeed.zero.Init`, which would
-    partition the merged student at creation (empty tensors on every rank); it is built whole instead (merged on
-    every rank inside `whole_parameters`, then written by rank 0). The Trainer's DeepSpeed config is restored after."""
+def outside_zero3_init() -> Iterator[None]:
+    """Build models whole inside this context while a ZeRO-3 Trainer runs.
+
+    transformers then builds every new model under `deepspeed.zero.Init`, which would partition the merged student at
+    creation (empty tensors on every rank; it is merged on every rank inside `whole_parameters`, then written by rank
+    0) and fails on a meta-device model (the parameter count of a model card). The Trainer's DeepSpeed config is
+    restored on leaving."""
     try:
         from transformers.integrations import deepspeed as hf_deepspeed
     except ImportError:  # transformers without its DeepSpeed integration
