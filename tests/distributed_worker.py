@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--logit_loss_from", default="logits")
     parser.add_argument("--activation_checkpointing", action="store_true")
     parser.add_argument("--form_student_weights", default="auto")
+    parser.add_argument("--clone_output_space", default="student")
     parser.add_argument("--zero_init", action="store_true",
                         help="ZeRO-3: load the teacher partitioned (from_pretrained under the DeepSpeed config)")
     args = parser.parse_args()
@@ -66,7 +67,7 @@ def main() -> None:
                        use_cpu=use_cpu, seed=0, learning_rate=1e-2, calibration_num_samples=8, disable_tqdm=True,
                        erank_steps=2, erank_num_samples=4, lr_scheduler_type="constant",
                        logit_loss_from=args.logit_loss_from, activation_checkpointing=args.activation_checkpointing,
-                       form_student_weights=args.form_student_weights,
+                       form_student_weights=args.form_student_weights, clone_output_space=args.clone_output_space,
                        **extra)
     if args.zero_init:  # as accelerate's zero3_init_flag: the RedConfig's DeepSpeed config makes from_pretrained
         # partition the teacher while loading it

@@ -59,8 +59,12 @@ def test_normalised_clone_loss_does_not_depend_on_the_activation_scale():
         CloneLoss(names, {"l0.o": proj}.__getitem__).sums(student, teacher, mask)
 
 
-def test_clone_normalisers_are_the_teacher_targets_mean_squares(tmp_path, train_texts, tokenizer, trained_teacher):
-    trainer = make_trainer(tmp_path, train_texts, tokenizer, trained_teacher())
+@pytest.mark.parametrize("output_space", ["student", "teacher"])
+def test_clone_normalisers_are_the_teacher_targets_mean_squares(tmp_path, train_texts, tokenizer, trained_teacher,
+                                                                output_space):
+    """The targets: teacher output @ P (the selected channels at init) in the student space, the teacher output
+    itself in the teacher space (LRC's code; that form crashed at the trainer's start before this test)."""
+    trainer = make_trainer(tmp_path, train_texts, tokenizer, trained_teacher(), clone_output_space=output_space)
     reference = trained_teacher().eval()
     channels = trainer.red_model.channel_indices
     outputs = {}
@@ -72,7 +76,9 @@ def test_clone_normalisers_are_the_teacher_targets_mean_squares(tmp_path, train_
     for h in hooks:
         h.remove()
     q = torch.cat(outputs["model.layers.0.self_attn.q_proj"])
-    down = torch.cat(outputs["model.layers.1.mlp.down_proj"])[:, channels]  # student space: P is the selection
+    down = torch.cat(outputs["model.layers.1.mlp.down_proj"])
+    if output_space == "student":
+        down = down[:, channels]  # P is the selection at init
     scales = trainer._clone.scales
     assert scales["q", "model.layers.0.self_attn.q_proj"] == pytest.approx(float(q.pow(2).mean()), rel=1e-4)
     assert scales["ffn", "model.layers.1.mlp.down_proj"] == pytest.approx(float(down.pow(2).mean()), rel=1e-4)
@@ -115,3 +121,18 @@ def test_hybrid_projections_then_weights_continues_from_the_trained_projections(
     second.train()
     second.save_model()
     assert json.loads((tmp_path / "weights" / "out" / "red_summary.json").read_text())["distillation"]["train"] == "weights"
+
+
+def test_clone_in_the_teacher_space_trains(tmp_path, train_texts, tokenizer, trained_teacher):
+    """clone_output_space="teacher": the student's attention / FFN outputs lifted by P^T (made inside the wrappers'
+    forwards) against the teacher's; every term finite and non-zero, the clone loss falling."""
+    trainer = make_trainer(tmp_path, train_texts, tokenizer, trained_teacher(), clone_output_space="teacher",
+                           max_steps=12)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "clone/attn" in h]
+    assert len(logged) == 12
+    for term in ("attn", "ffn", "q"):
+        assert all(0 < h[f"clone/{term}"] < float("inf") for h in logged)
+    first, last = (sum(h["clone_loss"] for h in part) / 3 for part in (logged[:3], logged[-3:]))
+    assert last < first
+

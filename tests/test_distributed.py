@@ -152,20 +152,22 @@ def plain_one_process(tmp_path_factory):
 
 
 @pytest.mark.parametrize("engine, flags", [("zero2", ()), ("zero3", ()),
-                                           ("zero3", ("--logit_loss_from", "hidden_states"))],
-                         ids=["zero2", "zero3", "zero3-hidden-states"])
+                                           ("zero3", ("--logit_loss_from", "hidden_states")),
+                                           ("zero3", ("--clone_output_space", "teacher"))],
+                         ids=["zero2", "zero3", "zero3-hidden-states", "zero3-clone-in-teacher-space"])
 def test_trainer_under_deepspeed_equals_the_plain_run(plain_one_process, tmp_path, engine, flags):
     """RedDistillationTrainer with a DeepSpeed config (ZeRO-3: every parameter partitioned, persistence threshold 0,
     so each wrapper's forward gathers its teacher weight and projection as a leaf module; the clone targets' products
-    with P, the head weight of the hidden-state loss and the export merge run inside gathers): the plain
-    single-process run's losses, eRank schedule, projections and exported student."""
+    with P (or the lift by P^T), the head weight of the hidden-state loss and the export merge run inside gathers):
+    the plain single-process run's losses, eRank schedule, projections and exported student."""
     plain = plain_one_process(*flags)
     run = _run("distributed_worker.py", tmp_path, "--engine", engine, *flags, torchrun=True)
     assert run["model_class"] == "DeepSpeedEngine"
     assert run["losses"] == pytest.approx(plain["losses"], rel=1e-6, abs=0)
     assert run["erank_steps"] == plain["erank_steps"] == [0, 2, 3]
     assert _max_difference(plain["state"], run["state"]) <= 1e-5  # observed 0 (zero2), 5.4e-7 (zero3)
-    a, b = (load_file(str(folder / "student" / "model.safetensors")) for folder in (tmp_path, pathlib.Path(plain["out"])))
+    a, b = (load_file(str(folder / "student" / "model.safetensors"))
+            for folder in (tmp_path, pathlib.Path(plain["out"])))
     assert set(a) == set(b) and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
 
 

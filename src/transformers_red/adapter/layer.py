@@ -220,5 +220,6 @@ class RedRMSNorm(RedLayer):
         return {"weight": self.trainable_as(self.base_layer.weight.dtype)}
 
 
-# The wrapper classes (`training.distributed.ZERO3_LEAF_CLASSES`: those ZeRO-3 gathers as one unit with their base layer)
+# The wrapper classes (`training.distributed.ZERO3_LEAF_CLASSES`: those ZeRO-3 gathers as one unit with their base
+# layer)
 RED_LAYER_CLASSES = (RedLinear, RedEmbedding, RedRMSNorm)

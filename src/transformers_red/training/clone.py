@@ -112,11 +112,24 @@ class CloneLoss:
         products = products or {}
         if self.output_space == "student":
             target = products.get(name + PROJECTED_SUFFIX)
-            if target is None:
-                target = teacher.to(student.dtype) @ self.projection(name).to(student.dtype)
-            return student, target
+            return student, self.target(term, name, rows, teacher, student.dtype) if target is None else target
         lifted = products.get(name + LIFTED_SUFFIX)
         return (student @ self.projection(name).to(student.dtype).T if lifted is None else lifted), teacher
+
+    def target(self, term: str, name: str, rows: slice | None, teacher: torch.Tensor,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+        """What the student output of one module is compared with, computed from the teacher's output alone.
+
+        Args:
+            teacher: the module's teacher output, (B, T, out) or (B, T, d_T) for the residual terms.
+            dtype: the compute dtype of a product with P (default the teacher output's).
+        """
+        if term not in RESIDUAL_TERMS:
+            return teacher if rows is None else teacher[..., rows]
+        if self.output_space == "teacher":
+            return teacher
+        dtype = dtype or teacher.dtype
+        return teacher.to(dtype) @ self.projection(name).to(dtype)
 
     @torch.no_grad()
     def calibrate(self, teacher_outputs: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> None:
@@ -129,7 +142,7 @@ class CloneLoss:
             tokens += int(mask.sum())
             for term, sites in self.module_names.items():
                 for name, rows in sites:
-                    _, target = self.pair(term, name, rows, outputs[name], outputs[name])
+                    target = self.target(term, name, rows, outputs[name])
                     sums[term, name] += float(masked_mse_sum(target, torch.zeros_like(target), mask))
         if tokens == 0:
             raise ValueError("The clone normalisation needs calibration texts with at least one token.")
