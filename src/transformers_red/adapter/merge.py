@@ -125,10 +125,10 @@ def _check_merge(red_model: Any, student: Any) -> None:
 def outside_zero3_init() -> Iterator[None]:
     """Build models whole inside this context while a ZeRO-3 Trainer runs.
 
-    transformers then builds every new model under `deepspeed.zero.Init`, which would partition the merged student at
-    creation (empty tensors on every rank; it is merged on every rank inside `whole_parameters`, then written by rank
-    0) and fails on a meta-device model (the parameter count of a model card). The Trainer's DeepSpeed config is
-    restored on leaving."""
+    Otherwise transformers builds every new model under `deepspeed.zero.Init`, which would partition the merged
+    student at creation (empty tensors on every rank; it is merged on every rank inside `whole_parameters`, then
+    written by rank 0) and fails on a meta-device model (the parameter count of a model card). The Trainer's
+    DeepSpeed config is restored on leaving."""
     try:
         from transformers.integrations import deepspeed as hf_deepspeed
     except ImportError:  # transformers without its DeepSpeed integration
