@@ -30,6 +30,8 @@ def args(tmp_path, **kwargs):
     ({"ce_weight": 0.0, "kd_weight": 0.0, "clone_weight": 0.0}, "every loss weight is zero"),
     ({"clone_terms": ["q", "z"]}, "unknown clone_terms"),
     ({"clone_output_space": "middle"}, "clone_output_space"),
+    ({"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}},
+     "use_reentrant=True gives the clone term wrong gradients"),
     ({"clone_normalization": "layer"}, "clone_normalization must be one of"),
     ({"train": "both"}, "train must be one of"),
     ({"width_ratio": 1.5}, "strictly between 0 and 1"),

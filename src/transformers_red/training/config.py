@@ -131,6 +131,15 @@ class RedConfig(SFTConfig):
         if isinstance(self.red_adapter_config, str):
             problems.append("red_adapter_config must be a dict of RedAdapterConfig fields (JSON object on the "
                             f"command line), got the string {self.red_adapter_config[:40]!r}")
+        checkpointing_kwargs = (getattr(self, "activation_checkpointing_kwargs", None)
+                                or getattr(self, "gradient_checkpointing_kwargs", None) or {})
+        if ((self.activation_checkpointing or self.gradient_checkpointing) and checkpointing_kwargs.get("use_reentrant")
+                and self.clone_weight > 0 and self.clone_terms):
+            # reentrant checkpointing runs the first forward without gradients: the captured module outputs the clone
+            # term compares would carry none, and the clone gradients would be silently wrong
+            problems.append("activation checkpointing with use_reentrant=True gives the clone term wrong gradients "
+                            "(the captured module outputs have no autograd graph); use the default "
+                            "use_reentrant=False, or clone_weight=0")
         if self.ce_weight == self.kd_weight == 0 and (self.clone_weight == 0 or not self.clone_terms):
             problems.append("every loss weight is zero (ce_weight, kd_weight, clone_weight): nothing to train")
         unknown = set(self.clone_terms) - set(CLONE_TERMS)
