@@ -22,12 +22,12 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from testing_utils import make_teacher  # noqa: E402
+from testing_utils import (SHARDING_BATCH, distillation_loss, make_teacher, sharding_adapter_config,  # noqa: E402
+                           trainable_gradients)
 
-from transformers_red import RedAdapterConfig, get_red_model  # noqa: E402
+from transformers_red import get_red_model  # noqa: E402
 from transformers_red.training.distributed import whole_parameters  # noqa: E402
 
 
@@ -41,9 +41,7 @@ def main() -> None:
     distributed = "WORLD_SIZE" in os.environ
     rank, world = 0, 1
     teacher = make_teacher("llama", args.tied, {})
-    red = get_red_model(teacher.to(torch.bfloat16) if args.bf16 else teacher,
-                        RedAdapterConfig(width_ratio=0.5, init="random", norm_init="ones", seed=3,
-                                         share_projections=args.share))
+    red = get_red_model(teacher.to(torch.bfloat16) if args.bf16 else teacher, sharding_adapter_config(args.share))
     if distributed:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -54,18 +52,9 @@ def main() -> None:
         for layer in red.layout.layers:
             fully_shard(red.base_model.get_submodule(layer), mesh=mesh)
         fully_shard(red, mesh=mesh)
-    input_ids = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
-    mine = input_ids.chunk(world)[rank]
-    with torch.no_grad(), red.disable_adapter():
-        teacher_logits = red(input_ids=mine).logits.float()
-    logits = red(input_ids=mine).logits.float()
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), mine[:, 1:].flatten())
-    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
-                  reduction="batchmean")
-    (ce + kl).backward()  # a mean over this rank's equal share: FSDP's averaged gradients are the global ones
-    grads = {f"{kind}.{key}": p.grad for kind, store in (("projections", red.red_projections),
-                                                         ("norms", red.red_norms)) for key, p in store.items()}
-    grads = {k: (g.full_tensor() if hasattr(g, "full_tensor") else g) for k, g in grads.items()}
+    input_ids = SHARDING_BATCH
+    distillation_loss(red, red, input_ids.chunk(world)[rank]).backward()  # FSDP averages the ranks' gradients
+    grads = trainable_gradients(red, lambda p: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
     grad_dtypes = sorted({str(g.dtype) for g in grads.values()})
     grads = {k: g.tolist() for k, g in grads.items()}
     with torch.no_grad():

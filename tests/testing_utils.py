@@ -87,3 +87,35 @@ def make_red_trainer(output_dir, dataset, tokenizer, teacher, **kwargs):
                     calibration_num_samples=8, disable_tqdm=True)
     return RedDistillationTrainer(model=teacher, args=RedConfig(**{**defaults, **kwargs}), train_dataset=dataset,
                                   processing_class=tokenizer)
+
+
+# --------------------------------------------------------------------- one sharded step (tests/*_worker.py)
+# The global batch of the sharding workers: 4 rows of 24 byte tokens, split over the ranks.
+SHARDING_BATCH = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
+
+
+def sharding_adapter_config(share: bool):
+    """The adapter the sharding workers build (random init, so every projection entry carries a gradient)."""
+    from transformers_red import RedAdapterConfig
+
+    return RedAdapterConfig(width_ratio=0.5, init="random", norm_init="ones", seed=3, share_projections=share)
+
+
+def distillation_loss(model, red, ids):
+    """Student CE + KL to the teacher pass of the same weights, both through `model` (the engine's wrapper or the
+    RedModel itself): a mean over the rows `ids` (B, T), so the ranks' averaged gradients are the global ones."""
+    import torch.nn.functional as F
+
+    with torch.no_grad(), red.disable_adapter():
+        teacher_logits = model(input_ids=ids).logits.float()
+    logits = model(input_ids=ids).logits.float()
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
+                  reduction="batchmean")
+    return ce + kl
+
+
+def trainable_gradients(red, full=lambda p: p.grad) -> dict:
+    """Adapter key -> the gradient of each projection and norm gain, as `full(parameter)` gives it whole."""
+    return {f"{kind}.{key}": full(p) for kind, store in (("projections", red.red_projections),
+                                                         ("norms", red.red_norms)) for key, p in store.items()}

@@ -23,42 +23,26 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from testing_utils import make_teacher  # noqa: E402
+from testing_utils import (SHARDING_BATCH, distillation_loss, make_teacher, sharding_adapter_config,  # noqa: E402
+                           trainable_gradients)
 
-from transformers_red import RedAdapterConfig, get_red_model  # noqa: E402
+from transformers_red import get_red_model  # noqa: E402
 from transformers_red.training.distributed import register_zero3_leaf_modules, whole_parameters  # noqa: E402
 
-BATCH = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
 LR = 0.5
 
 
-def loss_of(model, red, ids):
-    with torch.no_grad(), red.disable_adapter():
-        teacher_logits = model(input_ids=ids).logits.float()
-    logits = model(input_ids=ids).logits.float()
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
-                  reduction="batchmean")
-    return ce + kl  # a mean over this rank's equal share: the averaged gradients are the global ones
-
-
-def adapter_config(args) -> RedAdapterConfig:
-    return RedAdapterConfig(width_ratio=0.5, init="random", norm_init="ones", seed=3, share_projections=args.share)
-
-
 def reference(args) -> dict:
-    red = get_red_model(make_teacher("llama", args.tied, {}), adapter_config(args))
-    loss_of(red, red, BATCH).backward()
-    grads = {f"{kind}.{key}": p.grad.tolist() for kind, store in (("projections", red.red_projections),
-                                                                  ("norms", red.red_norms)) for key, p in store.items()}
+    red = get_red_model(make_teacher("llama", args.tied, {}), sharding_adapter_config(args.share))
+    distillation_loss(red, red, SHARDING_BATCH).backward()
+    grads = {k: g.tolist() for k, g in trainable_gradients(red).items()}
     with torch.no_grad():
         for p in red.trainable_parameters():
             p -= LR * p.grad
     return {"world_size": 1, "grads": grads, "state": {k: v.tolist() for k, v in red.adapter_state_dict().items()},
-            "merged_logits": red.merge_and_unload()(input_ids=BATCH).logits.tolist()}
+            "merged_logits": red.merge_and_unload()(input_ids=SHARDING_BATCH).logits.tolist()}
 
 
 def zero3(args) -> dict:
@@ -71,24 +55,19 @@ def zero3(args) -> dict:
                                     "stage3_max_live_parameters": 0, "stage3_prefetch_bucket_size": 0},
               "optimizer": {"type": "SGD", "params": {"lr": LR}}, "zero_allow_untested_optimizer": True,
               "gradient_clipping": 0.0, "wall_clock_breakdown": False}
-    red = get_red_model(make_teacher("llama", args.tied, {}), adapter_config(args))
+    red = get_red_model(make_teacher("llama", args.tied, {}), sharding_adapter_config(args.share))
     register_zero3_leaf_modules(red)
     engine, *_ = deepspeed.initialize(model=red, model_parameters=red.trainable_parameters(), config=config)
     partitioned = all(hasattr(p, "ds_id") for p in red.parameters())
     empty_between_forwards = all(p.data.numel() == 0 for p in red.trainable_parameters())
-    mine = BATCH.chunk(world)[rank]
-    loss = loss_of(engine, red, mine)
-    engine.backward(loss)
+    engine.backward(distillation_loss(engine, red, SHARDING_BATCH.chunk(world)[rank]))
     from deepspeed.utils import safe_get_full_grad
 
-    grads = {}
-    for kind, store in (("projections", red.red_projections), ("norms", red.red_norms)):
-        for key, p in store.items():
-            grads[f"{kind}.{key}"] = safe_get_full_grad(p).tolist()
+    grads = {k: g.tolist() for k, g in trainable_gradients(red, safe_get_full_grad).items()}
     engine.step()
     state = red.adapter_state_dict()  # gathers the partitions: a collective
     with whole_parameters(red):  # every rank merges: the merge checks itself with a forward, a collective here
-        merged_logits = red.merge_and_unload()(input_ids=BATCH).logits
+        merged_logits = red.merge_and_unload()(input_ids=SHARDING_BATCH).logits
     dist.barrier()
     return {"world_size": world, "rank": rank, "partitioned": partitioned,
             "empty_between_forwards": empty_between_forwards, "grads": grads,

@@ -18,6 +18,24 @@ import torch
 import torch.nn.functional as F
 
 
+def form_weight(weight: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Tensor:
+    """The student weight from a teacher weight and its projection P (d_T, d_S), in the weight's dtype.
+
+    Args:
+        weight: the teacher's (out, in).
+        side: "input" (W_T @ P: (out, d_S)) or "output" (P^T @ W_T: (d_S, in)).
+    """
+    p = proj.to(weight.dtype)
+    return weight @ p if side == "input" else p.T @ weight
+
+
+def form_bias(bias: torch.Tensor | None, proj: torch.Tensor, side: str) -> torch.Tensor | None:
+    """The student bias: kept on the input side, b_T @ P (d_S,) on the output side; None stays None."""
+    if bias is None or side == "input":
+        return bias
+    return bias @ proj.to(bias.dtype)
+
+
 class FormingLayer(Protocol):
     """What `FormedWeights` needs of a wrapper (`layer.RedLinear`)."""
 
@@ -122,11 +140,7 @@ class StudentLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, proj: torch.Tensor, bias: torch.Tensor | None,
                 side: str) -> torch.Tensor:
         """x: (..., in_S); weight: the teacher's (out, in); proj: P (d_T, d_S); bias: (out,) or None."""
-        p = proj.to(weight.dtype)
-        if side == "input":  # W_S = W_T @ P (out, d_S); the bias stays
-            student_weight, student_bias = weight @ p, bias
-        else:  # W_S = P^T @ W_T (d_S, in); b_S = b_T @ P
-            student_weight, student_bias = p.T @ weight, None if bias is None else bias @ p
+        student_weight, student_bias = form_weight(weight, proj, side), form_bias(bias, proj, side)
         ctx.side, ctx.proj_dtype = side, proj.dtype
         ctx.save_for_backward(x, weight, student_weight, bias if side == "output" else None)
         return F.linear(x, student_weight, student_bias)
@@ -160,10 +174,9 @@ class EmittedStudentWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Tensor:
         """x: the module's input (..., d_S), unused but for its gradient; weight (out, in); proj P (d_T, d_S)."""
-        p = proj.to(weight.dtype)
         ctx.side, ctx.proj_dtype, ctx.x_meta = side, proj.dtype, (x.shape, x.dtype, x.device)
         ctx.save_for_backward(weight)
-        return weight @ p if side == "input" else p.T @ weight
+        return form_weight(weight, proj, side)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

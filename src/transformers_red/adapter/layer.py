@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .forming import EmittedStudentWeight, FormedWeights, StudentLinear
+from .forming import EmittedStudentWeight, FormedWeights, StudentLinear, form_bias, form_weight
 
 
 @dataclass
@@ -120,23 +120,19 @@ class RedLinear(RedLayer):
 
     def form_student_weight(self) -> torch.Tensor:
         """W_T @ P (out, d_S) for the input side, P^T @ W_T (d_S, in) for the output side, in W_T's dtype."""
-        weight = self.base_layer.weight
-        proj = self.trainable_as(weight.dtype)
-        return weight @ proj if self.side == "input" else proj.T @ weight
+        return form_weight(self.base_layer.weight, self.red_weight, self.side)
+
+    def _uses_held_weight(self) -> bool:
+        """Whether this forward takes the weight held for the optimizer step (`FormedWeights`): while one is
+        held and gradients are recorded."""
+        return self._state.formed is not None and torch.is_grad_enabled()
 
     def student_weight(self) -> torch.Tensor:
-        """The student weight this forward uses: the one held for the optimizer step (`FormedWeights`) while
-        gradients are recorded, else formed now."""
-        formed = self._state.formed
-        if formed is not None and torch.is_grad_enabled():
-            return formed.weight(self)
-        return self.form_student_weight()
+        """The student weight this forward uses: the held one (`_uses_held_weight`), else formed now."""
+        return self._state.formed.weight(self) if self._uses_held_weight() else self.form_student_weight()
 
     def student_bias(self) -> torch.Tensor | None:
-        bias = self.base_layer.bias
-        if bias is None or self.side == "input":
-            return bias
-        return bias @ self.trainable_as(bias.dtype)
+        return form_bias(self.base_layer.bias, self.red_weight, self.side)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_S) in the student pass, (..., d_T) or inner width in the teacher pass.
@@ -145,14 +141,14 @@ class RedLinear(RedLayer):
         forward, so engines that gather parameters in forward hooks (ZeRO-3) have it whole."""
         if self._state.emit_weight:
             if self._state.student:
-                if self._state.formed is not None and torch.is_grad_enabled():
+                if self._uses_held_weight():
                     return self.student_weight()
                 return EmittedStudentWeight.apply(x, self.base_layer.weight, self.red_weight, self.side)
             weight = self.base_layer.weight
             return weight.clone() if hasattr(weight, "ds_id") else weight  # ZeRO-3 frees it after this forward
         if not self._state.student:
             return self._record(self.base_layer(x))
-        if self._state.formed is not None and torch.is_grad_enabled():
+        if self._uses_held_weight():
             output = F.linear(x, self.student_weight(), self.student_bias())
         else:
             base = self.base_layer

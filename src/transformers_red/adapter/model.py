@@ -175,15 +175,16 @@ class RedModel(nn.Module):
         state = self._red_state
         previous = state.capture, state.capture_names, state.clone_targets, state.clone_lift
         lift = frozenset(lift) if lift is not None else None
-        output_side = {name for name, layer in self.red_layers()
-                       if isinstance(layer, RedLinear) and layer.side == "output"}
-        for what, given, allowed in (("names", names, set(self.targeted_module_names)),
-                                     ("project_targets", project_targets, output_side), ("lift", lift, output_side)):
-            unknown = set(given or ()) - allowed
+        for what, given in (("names", names), ("project_targets", project_targets), ("lift", lift)):
+            if not given:  # the wrappers are only listed when there is something to check (twice per step)
+                continue
+            kind = "wrapped" if what == "names" else "output-side wrapped"
+            allowed = {name for name, layer in self.red_layers()
+                       if what == "names" or (isinstance(layer, RedLinear) and layer.side == "output")}
+            unknown = set(given) - allowed
             if unknown:
-                raise ValueError(f"capture_activations: {what} {sorted(unknown)[:3]} are not "
-                                 f"{'wrapped' if what == 'names' else 'output-side wrapped'} modules; pass names "
-                                 "from `targeted_module_names`.")
+                raise ValueError(f"capture_activations: {what} {sorted(unknown)[:3]} are not {kind} modules; pass "
+                                 "names from `targeted_module_names`.")
         state.capture, state.capture_names = {}, None if names is None else frozenset(names)
         state.clone_targets, state.clone_lift = project_targets, lift
         try:
