@@ -138,6 +138,7 @@ def test_float32_projections_over_a_bf16_teacher_move_at_lrc_learning_rate(input
         expected = torch.float32 if trainable_dtype == "float32" else torch.bfloat16
         assert {p.dtype for p in red.trainable_parameters()} == {expected}
         assert {p.dtype for p in red.base_model.parameters() if not p.requires_grad} == {torch.bfloat16}
+        assert red.dtype == torch.bfloat16  # the compute dtype, not the first (float32 master) parameter's
         before = {k: v.clone() for k, v in red.adapter_state_dict().items()}
         optimizer = torch.optim.AdamW(red.trainable_parameters(), lr=1e-4, weight_decay=0.0)
         logits = red(input_ids=input_ids).logits

@@ -133,6 +133,12 @@ class RedModel(nn.Module):
             # its forward is the student's, so these act on the student
             return getattr(self.base_model, name)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: the teacher's, in which the student runs and merges (the projections and gains may be
+        float32 masters over a bf16 teacher, which transformers' `dtype`, the first parameter's, would report)."""
+        return self.base_model.get_input_embeddings().base_layer.weight.dtype
+
     def get_base_model(self) -> nn.Module:
         """The wrapped teacher (its modules are the RED wrappers; `unload()` gives back the plain teacher)."""
         return self.base_model
