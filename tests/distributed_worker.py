@@ -1,7 +1,8 @@
 """One RED distillation run, launched by tests/test_distributed.py under torchrun (gloo, CPU) or directly.
 
-    python tests/distributed_worker.py OUT --grad_accum 2 [--engine ddp|fsdp2] [--resume] [--save_steps N]
-        [--logit_loss_from hidden_states] [--activation_checkpointing] [--form_student_weights per_forward]
+    python tests/distributed_worker.py OUT --grad_accum 2 [--engine ddp|fsdp2|zero2|zero3] [--resume] [--save_steps N]
+        [--state_dict_type SHARDED_STATE_DICT] [--bf16] [--logit_loss_from hidden_states] [--activation_checkpointing]
+        [--form_student_weights per_forward]
 
 Trains the tiny Llama teacher for `--steps` steps at global batch 4 (per-device batch 2 x `--grad_accum` x
 processes), then rank 0 writes `OUT/result.json` (projections, logged losses, channels) and the trainer exports
@@ -28,6 +29,26 @@ from transformers_red import RedConfig, RedDistillationTrainer  # noqa: E402
 from transformers_red.resources import builtin_texts, byte_tokenizer  # noqa: E402
 
 
+def shard_on_cpu_processes_with_fsdp() -> None:
+    """accelerate turns FSDP on only for GPU-like devices: on gloo CPU processes it runs DDP instead (silently). This
+    test harness lets accelerate's FSDP branch take CPU processes too; everything after it (accelerate's
+    `fsdp2_prepare_model` and state-dict handling, Trainer's FSDP paths, the library's) is the real code."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = __init__
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -35,18 +56,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--engine", choices=["ddp", "fsdp2", "zero2", "zero3"], default="ddp")
     parser.add_argument("--save_steps", type=int, default=0)
+    parser.add_argument("--state_dict_type", default="FULL_STATE_DICT", help="FSDP2's checkpoint form")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--logit_loss_from", default="logits")
     parser.add_argument("--activation_checkpointing", action="store_true")
     parser.add_argument("--form_student_weights", default="auto")
+    parser.add_argument("--bf16", action="store_true", help="mixed precision (FSDP2: its bf16 MixedPrecisionPolicy)")
     parser.add_argument("--clone_output_space", default="student")
     parser.add_argument("--zero_init", action="store_true",
                         help="ZeRO-3: load the teacher partitioned (from_pretrained under the DeepSpeed config)")
     args = parser.parse_args()
     extra = {}
     if args.engine == "fsdp2":
-        extra = dict(fsdp="full_shard", fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                                                     "reshard_after_forward": True})
+        shard_on_cpu_processes_with_fsdp()
+        extra = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                             "reshard_after_forward": True, "state_dict_type": args.state_dict_type})
     # built before the RedConfig: a DeepSpeed ZeRO-3 config makes transformers create every later model under zero.Init
     teacher = make_teacher("llama", True, {})
     use_cpu = True
@@ -68,6 +92,7 @@ def main() -> None:
                        erank_steps=2, erank_num_samples=4, lr_scheduler_type="constant",
                        logit_loss_from=args.logit_loss_from, activation_checkpointing=args.activation_checkpointing,
                        form_student_weights=args.form_student_weights, clone_output_space=args.clone_output_space,
+                       bf16=args.bf16,
                        **extra)
     if args.zero_init:  # as accelerate's zero3_init_flag: the RedConfig's DeepSpeed config makes from_pretrained
         # partition the teacher while loading it
@@ -104,4 +129,5 @@ def main() -> None:
 if __name__ == "__main__":
     main()
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0 may still be writing its result
         torch.distributed.destroy_process_group()

@@ -14,7 +14,7 @@ import torch
 from testing_utils import make_red_trainer, tiny_teacher
 
 from transformers_red import RedAdapterConfig, RedConfig, get_red_model
-from transformers_red.adapter.forming import EmittedStudentWeight, StudentLinear
+from transformers_red.adapter.forming import EmittedStudentWeight, StudentLinear, form_bias, form_weight
 from transformers_red.adapter.layer import RedLinear
 from transformers_red.resources import builtin_texts
 
@@ -215,3 +215,36 @@ def test_emitted_student_weight_is_the_formed_weight_with_a_zero_gradient_for_th
     torch.testing.assert_close(formed, weight @ proj if side == "input" else proj.T @ weight, rtol=0, atol=0)
     formed.sum().backward()
     assert x.grad is not None and not x.grad.any()
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_node_forming_under_autocast_has_the_gradients_of_autograd(side, bias):
+    """Under autocast (Trainer's bf16=True / accelerate's mixed precision over a float32 teacher) the forward runs in
+    bf16 while x and W_T are saved in float32: the backward computes in the forward's dtype, as autograd does for
+    F.linear(x, form(W_T, P), b) under the same autocast (it raised a dtype mismatch before). Equal to bf16 rounding
+    of the sums (observed 0 but for 2.7e-3 relative in P's gradient through an output-side bias)."""
+    gen = torch.Generator().manual_seed(2)
+    d_t, d_s, inner = 16, 8, 12
+    out, d_in = (inner, d_t) if side == "input" else (d_t, inner)
+    weight = torch.randn(out, d_in, generator=gen)
+    b = torch.randn(out, generator=gen) if bias else None
+    g = torch.randn(2, 5, inner if side == "input" else d_s, generator=gen)
+    results = []
+    for ours in (True, False):
+        x = torch.randn(2, 5, d_s if side == "input" else inner, generator=torch.Generator().manual_seed(3),
+                        requires_grad=True)
+        proj = torch.randn(d_t, d_s, generator=torch.Generator().manual_seed(4), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if ours:
+                y = StudentLinear.apply(x, weight, proj, b, side)
+                emitted = EmittedStudentWeight.apply(x, weight, proj, side)
+            else:
+                y = torch.nn.functional.linear(x, form_weight(weight, proj, side), form_bias(b, proj, side))
+                emitted = form_weight(weight, proj, side)
+        assert y.dtype == emitted.dtype == torch.bfloat16
+        grads = torch.autograd.grad((y.float() * g).sum() + emitted.float().square().sum(), (x, proj))
+        assert [t.dtype for t in grads] == [torch.float32, torch.float32]
+        results.append((y.float(), *grads))
+    for a, r in zip(*results):
+        assert float((a - r).abs().max() / r.abs().max()) <= 1e-2

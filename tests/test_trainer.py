@@ -293,6 +293,30 @@ def test_save_model_writes_plain_student(tmp_path, train_texts, tokenizer, teach
     assert summary["global_step"] == 2 and summary["tokens_trained"] > 0
 
 
+def test_bf16_mixed_precision_over_a_float32_teacher_trains_and_exports(tmp_path, train_texts, tokenizer,
+                                                                        trained_teacher, input_ids):
+    """bf16=True (accelerate wraps the model's forward in autocast): the one-node forming's backward and the export's
+    merge check both raised before (a bf16/float32 matmul; a merge check comparing the autocast forward with the
+    float32 student). The losses follow the float32 run to bf16 rounding; the exported float32 student is the
+    wrapped model's own float32 forward."""
+    runs = {}
+    for bf16 in (False, True):
+        trainer = make_trainer(tmp_path / str(bf16), train_texts, tokenizer, trained_teacher(), max_steps=2,
+                               bf16=bf16)
+        trainer.train()
+        runs[bf16] = trainer
+    assert "forward" in runs[True].model.__dict__  # accelerate's autocast wrapper: the setting under test is on
+    assert losses(runs[True]) == pytest.approx(losses(runs[False]), rel=1e-2)  # observed 1e-4 to 2e-4
+    out = tmp_path / "student"
+    runs[True].save_model(str(out))
+    assert "forward" in runs[True].model.__dict__  # the merge check put the wrapper back
+    student = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert student.dtype == torch.float32
+    with torch.no_grad():
+        wrapped = type(runs[True].model).forward(runs[True].model, input_ids=input_ids).logits
+        torch.testing.assert_close(student(input_ids).logits, wrapped, rtol=0, atol=1e-4)
+
+
 def test_erank_callback_logs_and_raises_the_collapse_alarm(tmp_path, train_texts, tokenizer, teacher, caplog):
     trainer = make_trainer(tmp_path, train_texts, tokenizer, teacher, max_steps=2, erank_steps=1,
                            erank_num_samples=3, erank_collapse_ratio=2.0)  # a student never has 2x the teacher's

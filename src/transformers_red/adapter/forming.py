@@ -148,6 +148,9 @@ class StudentLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, student_weight, bias = ctx.saved_tensors
+        # under autocast the forward ran in grad's dtype (bf16 / fp16) while x and W_T were saved in float32
+        x, weight, student_weight = (t.to(grad.dtype) for t in (x, weight, student_weight))
+        bias = bias.to(grad.dtype) if bias is not None else None
         grad_x = grad @ student_weight if ctx.needs_input_grad[0] else None
         grad_proj = None
         if ctx.needs_input_grad[2]:
@@ -181,6 +184,7 @@ class EmittedStudentWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (weight,) = ctx.saved_tensors
+        weight = weight.to(grad.dtype)  # under autocast W_S was formed in grad's dtype from a float32 W_T
         shape, dtype, device = ctx.x_meta
         grad_x = torch.zeros(shape, dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
         grad_proj = None

@@ -76,6 +76,13 @@ class RedLayer(nn.Module):
         self.__dict__["_state"] = state  # a plain attribute: one RedState for the whole model
 
     @property
+    def weight(self) -> nn.Parameter:
+        """The teacher's frozen weight (of `base_layer`), as PEFT's tuner layers expose it: for code that inspects
+        `module.weight` (accelerate's FSDP2 wrapping detects a tied embedding / head by it; dtype and device
+        queries). It is not the student weight; `RedLinear.student_weight()` / `merged_state()` give that."""
+        return self.base_layer.weight
+
+    @property
     def trainable(self) -> nn.Parameter:
         """The projection (d_T, d_S) or norm gain (d_S,) this layer trains."""
         return self.red_weight

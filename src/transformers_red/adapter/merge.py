@@ -108,9 +108,15 @@ def _check_merge(red_model: Any, student: Any) -> None:
     was_training = teacher.training
     teacher.eval()
     student.eval()
+    # both in the weights' own dtype: no caller's autocast, and not accelerate's mixed-precision wrapper, which
+    # replaces the instance's forward by an autocast one (the class's forward still runs through __call__'s hooks)
+    autocast_forward = red_model.__dict__.pop("forward", None)
     try:
-        wrapped, merged = red_model(input_ids=ids).logits.float(), student(input_ids=ids).logits.float()
+        with torch.autocast(weight.device.type, enabled=False):
+            wrapped, merged = red_model(input_ids=ids).logits.float(), student(input_ids=ids).logits.float()
     finally:
+        if autocast_forward is not None:
+            red_model.forward = autocast_forward
         teacher.train(was_training)
     error = ((merged - wrapped).abs().max() / wrapped.abs().max().clamp_min(1e-6)).item()
     tolerance = MERGE_TOLERANCE.get(weight.dtype, MERGE_TOLERANCE_LOW_PRECISION)

@@ -71,8 +71,10 @@ def layerwise_effective_rank(model: torch.nn.Module, data: Any, tokenizer: Any =
     with record_hidden_states(hf_model, sink):
         for batch in tqdm(batches, desc="eRank", disable=not show_progress_bar):
             mask = batch["attention_mask"].to(torch.bool)
-            hf_model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False)
+            # through `model` itself, not its decoder: an FSDP2 root gathers its parameters in its own forward;
+            # one position of logits keeps the head's cost negligible
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False, logits_to_keep=1)
             pooled = pooled or [[] for _ in sink]
             for rows, h in zip(pooled, sink):
                 rows.append(h[mask].to(torch.float32).cpu())

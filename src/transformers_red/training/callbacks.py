@@ -13,6 +13,7 @@ from transformers import TrainerCallback
 
 from ..constants import ERANK_NAME
 from ..evaluation.erank import layerwise_effective_rank
+from .distributed import reshard
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class ERankCallback(TrainerCallback):
             student = layerwise_effective_rank(model, self.texts, self.tokenizer, max_length=self.max_length)
         finally:
             model.train(was_training)
+            reshard(model)  # FSDP2: forwards without a backward leave the root unit's weights gathered
         mean, teacher_mean = statistics.fmean(student), statistics.fmean(self.teacher)
         record = {"step": step, "student": student, "mean": mean, "min": min(student),
                   "min_layer": student.index(min(student)), "teacher_mean": teacher_mean,

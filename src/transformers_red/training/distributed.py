@@ -88,6 +88,15 @@ def whole_parameters(model: nn.Module) -> Iterator[None]:
             unit.reshard()
 
 
+def reshard(model: nn.Module) -> None:
+    """Free the gathered weights of every FSDP2 unit of `model` (a no-op for others). A forward without a backward
+    (eRank, evaluation) leaves the units FSDP does not reshard after forward (the root, the head group) gathered,
+    and gathered units register plain tensors instead of the sharded parameters the optimizer holds."""
+    for unit in model.modules():
+        if _is_fsdp2_unit(unit):
+            unit.reshard()
+
+
 def _is_fsdp2_unit(module: nn.Module) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
+from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import TrainOutput
 from trl import SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
@@ -44,7 +45,7 @@ from .clone import CloneLoss, capture_outputs, clone_sites
 from .config import RedConfig
 from .cpu_memory import keep_freed_cpu_memory
 from .distributed import (barrier, from_main_process, is_distributed,
-                          register_zero3_leaf_modules, whole_parameters)
+                          register_zero3_leaf_modules, reshard, whole_parameters)
 from .losses import (IGNORE_INDEX, LogitLossWorkspace, fused_logit_loss, generalized_jsd_loss,
                      hidden_state_logit_loss, shift_labels)
 
@@ -435,6 +436,20 @@ class RedDistillationTrainer(SFTTrainer):
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         barrier()  # no rank goes on (or resumes) before the checkpoint is in place
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Under FSDP Trainer also writes the whole wrapped model (`save_fsdp_model`: the frozen teacher, pickled, in
+        every checkpoint); a RED checkpoint's model state is its adapter file, so only the optimizer and the
+        scheduler are written here."""
+        if not (self.is_fsdp_enabled and not self._trains_weights):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from accelerate.utils import save_fsdp_optimizer
+
+        reshard(self.model)  # the optimizer's sharded parameters must be the registered ones
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model,
+                            output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Trainer's per-save push would upload `output_dir` (tokenizer, `training_args.bin`, TRL's card) from the
         staging folder; RED pushes the finished checkpoint itself (`_push_checkpoint`), after the rename."""
@@ -472,10 +487,7 @@ class RedDistillationTrainer(SFTTrainer):
                 self._adapter_config.save_pretrained(output_dir)  # the channel selection, checked on resume
         else:
             red = self.red_model
-            if self.is_fsdp_enabled and state_dict is not None:  # Trainer gathered the full state on the saving rank
-                adapter = red.adapter_state_dict(state_dict) if self.args.should_save else None
-            else:  # every rank takes part (a gather under FSDP2 / ZeRO-3)
-                adapter = red.adapter_state_dict()  # gathers FSDP2 / ZeRO-3 shards on every rank
+            adapter = red.adapter_state_dict()  # every rank takes part: it gathers FSDP2 / ZeRO-3 shards
             if self.args.should_save:
                 red.save_pretrained(output_dir, adapter_state=adapter)
                 if self.processing_class is not None:
@@ -485,8 +497,13 @@ class RedDistillationTrainer(SFTTrainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints (`_internal_call`) keep the adapter state; otherwise write the merged, plain student."""
-        if _internal_call:
+        if _internal_call and self._trains_weights:
             return super().save_model(output_dir, _internal_call=True)
+        if _internal_call:
+            # the adapter alone, gathered on every rank; Trainer's FSDP / DeepSpeed save would first gather the whole
+            # wrapped model, frozen teacher included, onto the saving rank (and, FSDP, skip `_save` unless the state
+            # dict type is FULL_STATE_DICT)
+            return self._save(output_dir)
         output_dir = output_dir or self.args.output_dir
         student = self._gathered_student()
         if self.args.should_save:
