@@ -12,6 +12,7 @@ the merged student into `OUT/student`.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -49,7 +50,25 @@ def shard_on_cpu_processes_with_fsdp() -> None:
     AcceleratorState.__init__ = __init__
 
 
+def run_deepspeed_on_cpu_processes() -> None:
+    """accelerate finds no distributed backend for DeepSpeed on CPU processes (its device probe sees no accelerator)
+    and counts 1 process although DeepSpeed joined all of them. This test harness gives accelerate gloo there, as
+    it does for DDP on CPU; DeepSpeed's own setup and everything after it is the real code."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    original = PartialState._prepare_backend
+
+    def _prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cpu:
+            return "gloo", DistributedType.MULTI_CPU
+        return original(self, cpu, sagemaker_dp, backend)
+
+    PartialState._prepare_backend = _prepare_backend
+
+
 def main() -> None:
+    faulthandler.dump_traceback_later(300, exit=True)  # a hung collective prints every rank's stack, then exits
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--grad_accum", type=int, default=1)
@@ -61,6 +80,7 @@ def main() -> None:
     parser.add_argument("--logit_loss_from", default="logits")
     parser.add_argument("--activation_checkpointing", action="store_true")
     parser.add_argument("--form_student_weights", default="auto")
+    parser.add_argument("--train", default="projections", help="RedConfig.train ('weights': the pruned baseline)")
     parser.add_argument("--bf16", action="store_true", help="mixed precision (FSDP2: its bf16 MixedPrecisionPolicy)")
     parser.add_argument("--clone_output_space", default="student")
     parser.add_argument("--zero_init", action="store_true",
@@ -77,6 +97,7 @@ def main() -> None:
     if args.engine in ("zero2", "zero3"):
         # DeepSpeed's CPU accelerator (gloo); accelerate turns DeepSpeed on only without use_cpu
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        run_deepspeed_on_cpu_processes()
         use_cpu = False
         stage = int(args.engine[-1])
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -92,7 +113,7 @@ def main() -> None:
                        erank_steps=2, erank_num_samples=4, lr_scheduler_type="constant",
                        logit_loss_from=args.logit_loss_from, activation_checkpointing=args.activation_checkpointing,
                        form_student_weights=args.form_student_weights, clone_output_space=args.clone_output_space,
-                       bf16=args.bf16,
+                       bf16=args.bf16, train=args.train,
                        **extra)
     if args.zero_init:  # as accelerate's zero3_init_flag: the RedConfig's DeepSpeed config makes from_pretrained
         # partition the teacher while loading it
@@ -110,15 +131,18 @@ def main() -> None:
                                      processing_class=byte_tokenizer())
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     trainer.save_model(os.path.join(args.out, "student"))
-    state = trainer.red_model.adapter_state_dict()  # every rank: a collective under FSDP2 and ZeRO-3
+    weights = args.train == "weights"
+    # every rank: collectives under FSDP2 and ZeRO-3
+    state = trainer._full_student_state() if weights else trainer.red_model.adapter_state_dict()
     if trainer.is_world_process_zero():
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         result = {"world_size": trainer.accelerator.num_processes, "losses": losses, "out": args.out,
-                  "forms_per_step": trainer._forms_per_step, "partitioned_teacher": partitioned_teacher,
+                  "forms_per_step": trainer._forms_per_step, "tokens_trained": trainer._total_train_tokens,
+                  "partitioned_teacher": partitioned_teacher,
                   "sharded": sorted({n.rsplit(".", 1)[-1] for n, p in trainer.model.named_parameters()
                                      if type(p.data).__name__ == "DTensor"}),
                   "model_class": type(trainer.model_wrapped).__name__,
-                  "channels": trainer.red_model.channel_indices.tolist(),
+                  "channels": None if weights else trainer.red_model.channel_indices.tolist(),
                   "clone_scales": {"|".join(k): v for k, v in (trainer._clone.scales or {}).items()},
                   "erank_steps": [r["step"] for r in trainer._erank_callback.history],
                   "state": {k: v.float().tolist() for k, v in state.items()}}

@@ -31,7 +31,7 @@ from trl.trainer.utils import disable_dropout_in_model
 from ..adapter.architectures import RESIDUAL_TERMS
 from ..adapter.calibrate import materialise_batches
 from ..adapter.config import teacher_weights_digest
-from ..adapter.merge import student_config
+from ..adapter.merge import outside_zero3_init, student_config
 from ..adapter.model import RedModel, calibrate_channels, get_red_model
 from ..constants import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ERANK_NAME, EXPORT_INCOMPLETE_NAME,
                          LEGACY_SUMMARY_NAME, PAPER_CITATION, PAPER_ID, PAPER_TITLE, STUDENT_SUMMARY_NAME,
@@ -438,9 +438,9 @@ class RedDistillationTrainer(SFTTrainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """Under FSDP Trainer also writes the whole wrapped model (`save_fsdp_model`: the frozen teacher, pickled, in
-        every checkpoint); a RED checkpoint's model state is its adapter file, so only the optimizer and the
-        scheduler are written here."""
-        if not (self.is_fsdp_enabled and not self._trains_weights):
+        every checkpoint); a RED checkpoint's model state is its adapter file (with train="weights" the student's
+        safetensors), so only the optimizer and the scheduler are written here."""
+        if not self.is_fsdp_enabled:
             return super()._save_optimizer_and_scheduler(output_dir)
         from accelerate.utils import save_fsdp_optimizer
 
@@ -497,8 +497,16 @@ class RedDistillationTrainer(SFTTrainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints (`_internal_call`) keep the adapter state; otherwise write the merged, plain student."""
-        if _internal_call and self._trains_weights:
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        if _internal_call and self._trains_weights and not sharded:
             return super().save_model(output_dir, _internal_call=True)
+        if _internal_call and self._trains_weights:
+            # the plain student gathered whole, written as one process writes it (Trainer's FSDP save writes
+            # engine shards, or nothing of ours with SHARDED_STATE_DICT; its ZeRO-3 save needs 16-bit consolidation)
+            state = self._full_student_state()
+            if self.args.should_save:
+                self._save(output_dir, state_dict=state)
+            return None
         if _internal_call:
             # the adapter alone, gathered on every rank; Trainer's FSDP / DeepSpeed save would first gather the whole
             # wrapped model, frozen teacher included, onto the saving rank (and, FSDP, skip `_save` unless the state
@@ -512,10 +520,47 @@ class RedDistillationTrainer(SFTTrainer):
         if self.args.push_to_hub:  # as Trainer.save_model does: the merged student, with the RED card
             self.push_to_hub(commit_message="Model save")
 
+    def _full_student_state(self) -> dict[str, torch.Tensor] | None:
+        """train="weights": the plain student's full state dict (CPU) on the process that saves, None on the others.
+        A collective under FSDP2 / ZeRO-3: every rank calls it."""
+        model = self.accelerator.unwrap_model(self.model)
+        if self.is_fsdp_enabled:  # a module's state_dict() stays sharded under FSDP2, even with its units gathered
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            reshard(model)
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            with whole_parameters(model):
+                state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} \
+                    if self.args.should_save else None
+        return state if self.args.should_save else None
+
+    def _load_full_student_state(self, checkpoint: str) -> None:
+        """train="weights" under FSDP2: the student's safetensors into this rank's shards (every rank reads it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        state = load_file(os.path.join(checkpoint, STUDENT_WEIGHTS_NAME))
+        model = self.accelerator.unwrap_model(self.model)
+        reshard(model)
+        # strict=False: save_pretrained leaves a tied head's weight out
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
     def _gathered_student(self) -> Any:
         """The merged student on the process that saves (None on the others). Under FSDP / ZeRO-3 every rank gathers
-        the weights and merges, since the merge's own check runs a forward, a collective there."""
+        the weights and merges, since the merge's own check runs a forward, a collective there. With
+        train="weights" there a plain copy is built from the gathered state (the trained model's own parameters
+        are shards, and writing them on one rank would run a collective on one rank)."""
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        if self._trains_weights and sharded:
+            state = self._full_student_state()
+            if state is None:
+                return None
+            model = self.accelerator.unwrap_model(self.model)
+            with outside_zero3_init():
+                student = AutoModelForCausalLM.from_config(model.config)
+            student.load_state_dict(state, assign=True)  # a tied head's weight is in the gathered state too
+            student.tie_weights()
+            return student.eval()
         student = None
         with whole_parameters(self.model):
             if self.args.should_save or sharded:
@@ -637,6 +682,8 @@ class RedDistillationTrainer(SFTTrainer):
                            resume_from_checkpoint, self.state.global_step, self.args.max_steps)
             loss = next((h["train_loss"] for h in reversed(self.state.log_history) if "train_loss" in h), float("nan"))
             return TrainOutput(self.state.global_step, loss, {})
+        if resume_from_checkpoint and self.is_deepspeed_enabled:
+            self._restore_run_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _already_finished(self, checkpoint: str) -> bool:
@@ -648,22 +695,30 @@ class RedDistillationTrainer(SFTTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         """Restore the adapter state, or with train="weights" the student's weights (optimizer, scheduler and RNG
-        are restored by Trainer)."""
+        are restored by Trainer), and RED's run state."""
+        self._restore_run_state(resume_from_checkpoint)
         weights = os.path.join(resume_from_checkpoint, STUDENT_WEIGHTS_NAME if self._trains_weights else ADAPTER_WEIGHTS_NAME)
-        problem = checkpoint_problem(resume_from_checkpoint, self._trains_weights)
-        if problem is not None:
-            raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem} (train={self.args.train!r}). "
-                             "Resume from an earlier checkpoint, or with resume_from_checkpoint=True to take the "
-                             "newest complete one.")
-        state = read_run_state(resume_from_checkpoint, self._run_identity)  # refuses another run's checkpoint
-        self._total_train_tokens = int(state["tokens_trained"])
-        if self._trains_weights:
+        if self._trains_weights and self.is_fsdp_enabled:
+            self._load_full_student_state(resume_from_checkpoint)
+        elif self._trains_weights:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         else:
             red = self.red_model
             red.load_adapter_state_dict(load_file(weights, device=str(next(red.parameters()).device)))
+
+    def _restore_run_state(self, checkpoint: str) -> None:
+        """Check that `checkpoint` is complete and of this run, and restore the tokens trained and the eRank
+        history. Trainer never calls `_load_from_checkpoint` under DeepSpeed (the engine loads the module itself),
+        so `train` calls this directly there."""
+        problem = checkpoint_problem(checkpoint, self._trains_weights)
+        if problem is not None:
+            raise ValueError(f"Cannot resume from {checkpoint}: {problem} (train={self.args.train!r}). "
+                             "Resume from an earlier checkpoint, or with resume_from_checkpoint=True to take the "
+                             "newest complete one.")
+        state = read_run_state(checkpoint, self._run_identity)  # refuses another run's checkpoint
+        self._total_train_tokens = int(state["tokens_trained"])
         if self._erank_callback is not None:
-            self._erank_callback.load(resume_from_checkpoint)
+            self._erank_callback.load(checkpoint)
 
     def _load_best_model(self) -> None:
         if self.state.best_model_checkpoint:
