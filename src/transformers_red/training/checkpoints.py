@@ -13,7 +13,6 @@ import os
 import re
 from typing import Any
 
-import torch
 from safetensors import safe_open
 
 from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, STUDENT_WEIGHTS_NAME
