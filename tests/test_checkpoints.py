@@ -114,7 +114,8 @@ def test_resuming_a_finished_run_trains_nothing_and_re_exports_the_same_weights(
                                                                               trained_teacher):
     from safetensors.torch import load_file
 
-    settings = {**SAVE, "lr_scheduler_type": "constant"}  # a step past the end would change the weights
+    settings = {**SAVE, "lr_scheduler_type": "constant", "erank_steps": 3, "erank_num_samples": 2}
+    # (a step past the end would change the weights)
     first = make_red_trainer(tmp_path, texts, tokenizer, trained_teacher(), **settings)
     first.train()
     first.save_model()
@@ -126,6 +127,9 @@ def test_resuming_a_finished_run_trains_nothing_and_re_exports_the_same_weights(
     after = load_file(tmp_path / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert summary(tmp_path)["global_step"] == 4 and summary(tmp_path)["tokens_trained"] > 0
+    # the end-of-training eRank, which checkpoint-4 (written before it) lacks, is measured again
+    assert [r["step"] for r in again._erank_callback.history] == [r["step"] for r in first._erank_callback.history]
+    assert again._erank_callback.history[-1]["step"] == 4
 
 
 def test_an_interrupted_re_export_is_never_taken_for_a_good_one(tmp_path, texts, tokenizer, trained_teacher,

@@ -322,6 +322,8 @@ class RedSavingMixin:
             self.state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, "trainer_state.json"))
             logger.warning("%s already holds step %d of max_steps=%d: nothing is trained; its weights are kept.",
                            resume_from_checkpoint, self.state.global_step, self.args.max_steps)
+            if self._erank_callback is not None:  # the checkpoint was written before the end-of-training measurement
+                self._erank_callback.on_train_end(self.args, self.state, self.control, model=self.model)
             loss = next((h["train_loss"] for h in reversed(self.state.log_history) if "train_loss" in h), float("nan"))
             return TrainOutput(self.state.global_step, loss, {})
         if resume_from_checkpoint and self.is_deepspeed_enabled:
