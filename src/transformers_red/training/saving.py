@@ -184,8 +184,16 @@ class RedSavingMixin:
         state = load_file(os.path.join(checkpoint, STUDENT_WEIGHTS_NAME))
         model = self.accelerator.unwrap_model(self.model)
         reshard(model)
-        # strict=False: save_pretrained leaves a tied head's weight out
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        # not strict: save_pretrained leaves a tied head's weight out; any other gap is refused
+        result = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        names: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
+        tied = {name for group in names.values() if len(group) > 1 for name in group}
+        missing = sorted(set(result.missing_keys) - tied)
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{os.path.join(checkpoint, STUDENT_WEIGHTS_NAME)} does not fit the student being "
+                             f"trained: missing {missing[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}.")
 
     def _gathered_student(self) -> Any:
         """The merged student on the process that saves (None on the others). Under FSDP / ZeRO-3 every rank gathers
