@@ -76,7 +76,7 @@ def build_merged_model(red_model: Any, progressbar: bool = False) -> Any:
         student = type(teacher)._from_config(config, dtype=weight.dtype,
                                              attn_implementation=teacher.config._attn_implementation)
     missing, unexpected = student.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in _tied_keys(student)]
+    missing = [k for k in missing if k not in tied_parameter_names(student)]
     if missing or unexpected:
         raise RuntimeError(f"Merged weights do not fit {type(student).__name__}: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}. Please report this with the teacher's config.")
@@ -158,7 +158,7 @@ def _teacher_weight(red_model: Any) -> torch.Tensor:
     return red_model.base_model.get_input_embeddings().base_layer.weight
 
 
-def _tied_keys(model: Any) -> set[str]:
+def tied_parameter_names(model: Any) -> set[str]:
     """Parameter names that alias another parameter (e.g. lm_head.weight with tied embeddings)."""
     seen: dict[int, str] = {}
     aliases = set()

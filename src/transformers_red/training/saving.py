@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, TrainerState
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import TrainOutput
 
-from ..adapter.merge import outside_zero3_init, student_config
+from ..adapter.merge import outside_zero3_init, student_config, tied_parameter_names
 from ..constants import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ERANK_NAME, EXPORT_INCOMPLETE_NAME,
                          LEGACY_SUMMARY_NAME, STUDENT_SUMMARY_NAME, STUDENT_WEIGHTS_NAME)
 from .checkpoints import (RUN_STATE_NAME, checkpoint_problem, last_complete_checkpoint, read_run_state,
@@ -139,8 +139,7 @@ class RedSavingMixin:
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints (`_internal_call`) keep the adapter state; otherwise write the merged, plain student."""
-        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
-        if _internal_call and self._trains_weights and not sharded:
+        if _internal_call and self._trains_weights and not self._uses_sharding_engine:
             return super().save_model(output_dir, _internal_call=True)
         if _internal_call and self._trains_weights:
             # the plain student gathered whole, written as one process writes it (Trainer's FSDP save writes
@@ -186,11 +185,7 @@ class RedSavingMixin:
         reshard(model)
         # not strict: save_pretrained leaves a tied head's weight out; any other gap is refused
         result = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-        names: dict[int, list[str]] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            names.setdefault(id(p), []).append(name)
-        tied = {name for group in names.values() if len(group) > 1 for name in group}
-        missing = sorted(set(result.missing_keys) - tied)
+        missing = sorted(set(result.missing_keys) - tied_parameter_names(model))
         if missing or result.unexpected_keys:
             raise ValueError(f"{os.path.join(checkpoint, STUDENT_WEIGHTS_NAME)} does not fit the student being "
                              f"trained: missing {missing[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}.")
@@ -200,7 +195,7 @@ class RedSavingMixin:
         the weights and merges, since the merge's own check runs a forward, a collective there. With
         train="weights" there a plain copy is built from the gathered state (the trained model's own parameters
         are shards, and writing them on one rank would run a collective on one rank)."""
-        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        sharded = self._uses_sharding_engine
         if self._trains_weights and sharded:
             state = self._full_student_state()
             if state is None:

@@ -126,8 +126,7 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks, **kwargs)
         self.model_accepts_loss_kwargs = True  # so Trainer counts num_items_in_batch for our loss
-        if args.logit_loss_from == "hidden_states" and teacher_model is not None and (
-                self.is_deepspeed_enabled or self.is_fsdp_enabled):
+        if args.logit_loss_from == "hidden_states" and teacher_model is not None and self._uses_sharding_engine:
             raise ValueError("logit_loss_from='hidden_states' with a separate teacher_model reads that teacher's LM-head "
                              "weight outside its forward, which DeepSpeed ZeRO-3 / FSDP have partitioned: use 'logits', "
                              "or let the teacher pass run on the RedModel itself (no teacher_model).")
@@ -142,23 +141,29 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
         if self._erank_callback is not None:
             self._erank_callback.trainer = self
             # sharded engines gather weights in the forward (every rank measures); otherwise the main process only
-            self._erank_callback.main_process_only = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+            self._erank_callback.main_process_only = not self._uses_sharding_engine
         self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
         self._clone_names = self._clone.names if self._clone is not None else frozenset()
         # CPU: keep the loss scratch between steps (no allocator cache); CUDA's caching allocator reuses it anyway
         self._loss_workspace = LogitLossWorkspace() if on_cpu else None
         self._forms_per_step = self._forms_weights_per_step(args)
 
+    @property
+    def _uses_sharding_engine(self) -> bool:
+        """FSDP or DeepSpeed: weights or optimizer state are spread over the ranks, so gathering, merging and the
+        eRank forward are collectives every rank takes part in."""
+        return self.is_fsdp_enabled or self.is_deepspeed_enabled
+
     def _forms_weights_per_step(self, args: RedConfig) -> bool:
         """Whether the student weights are formed once per optimizer step (`RedConfig.form_student_weights`)."""
         if args.form_student_weights == "per_forward" or self._trains_weights:
             return False
-        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
-        if args.form_student_weights == "per_step" and sharded:
+        if args.form_student_weights == "per_step" and self._uses_sharding_engine:
             raise ValueError("form_student_weights='per_step' does not work with DeepSpeed or FSDP: they free the "
                              "gathered teacher weights after each forward, and the held student weights would be "
                              "formed from them again in the last backward. Use 'auto' or 'per_forward'.")
-        return not sharded and (args.form_student_weights == "per_step" or args.gradient_accumulation_steps > 1)
+        return not self._uses_sharding_engine and (args.form_student_weights == "per_step"
+                                                   or args.gradient_accumulation_steps > 1)
 
     def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
         """Trainer's step; with per-step forming, one micro-batch under `RedModel.hold_formed_weights`, the last one
