@@ -79,6 +79,10 @@ def test_adapter_save_load_round_trip(arch, texts, tokenizer, input_ids, tmp_pat
     red.save_pretrained(tmp_path)
     loaded = RedModel.from_pretrained(make_teacher(*arch), tmp_path)
     assert loaded.channel_indices.tolist() == red.channel_indices.tolist()
+    # as PEFT: frozen and in eval mode unless is_trainable=True
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    trainable = RedModel.from_pretrained(make_teacher(*arch), tmp_path, is_trainable=True)
+    assert trainable.training and all(p.requires_grad for p in trainable.trainable_parameters())
     with torch.no_grad():
         assert torch.equal(loaded(input_ids).logits, red(input_ids).logits)
     model_type, tie, overrides = arch

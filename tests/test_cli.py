@@ -72,7 +72,7 @@ def test_distill_from_yaml_and_flags(tmp_path, teacher_dir, train, capsys):
 def test_distill_needs_a_dataset(tmp_path, teacher_dir, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["distill", "--teacher_model_name_or_path", str(teacher_dir), "--output_dir", str(tmp_path / "o")])
-    assert stop.value.code == 2 and "exactly one of --dataset_path" in capsys.readouterr().err
+    assert stop.value.code == 2 and "--dataset_name is required" in capsys.readouterr().err
 
 
 def test_distill_resumes_with_true_and_takes_comma_separated_clone_terms(tmp_path, teacher_dir, capsys):
@@ -134,4 +134,4 @@ def test_distill_dataset_name_may_be_a_hub_id_and_offline_says_so(tmp_path, teac
         main(["distill", "--teacher_model_name_or_path", str(teacher_dir), "--dataset_name", "someone/nowhere",
               "--output_dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and "Cannot load --dataset_name 'someone/nowhere'" in err and "Offline" in err
+    assert stop.value.code == 2 and "Cannot load the dataset 'someone/nowhere'" in err and "Offline" in err

@@ -127,3 +127,29 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
         (B, T) long.
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def batch_token_count(inputs: Mapping[str, Any]) -> torch.Tensor:
+    """Tokens a training batch feeds the model (padding excluded), as a 0-d long tensor.
+
+    Padded batches carry an `attention_mask` (B, T); TRL's packed / padding-free batches carry none: their rows
+    are concatenated sequences told apart by `position_ids` (1, N) or flash attention's `cu_seq_lens_q`, and every
+    position is a real token.
+    """
+    if inputs.get("attention_mask") is not None:
+        return inputs["attention_mask"].sum()
+    if inputs.get("cu_seq_lens_q") is not None:
+        return inputs["cu_seq_lens_q"][-1].long()
+    return torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+
+
+def dataset_token_count(dataset: Any) -> int | None:
+    """Tokens in a tokenised `datasets.Dataset` (the lengths of its `input_ids` rows, read from Arrow without
+    building Python lists), or None when it is not one (an iterable dataset, a list)."""
+    if "input_ids" not in (getattr(dataset, "column_names", None) or ()):
+        return None
+    import pyarrow.compute as pc
+
+    if getattr(dataset, "_indices", None) is not None:  # a select()-ed view: count the selected rows only
+        return sum(map(len, dataset["input_ids"]))
+    return int(pc.sum(pc.list_value_length(dataset.data.column("input_ids"))).as_py() or 0)

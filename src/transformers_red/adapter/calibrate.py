@@ -77,8 +77,9 @@ def materialise_batches(data: Any, tokenizer: Any, *, batch_size: int, max_lengt
     if tokenizer is not None and vocab_size is not None and len(tokenizer) > vocab_size:
         raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab_size}: "
                          "use the teacher's own tokenizer (or resize the teacher's embeddings before wrapping it).")
+    # checked on the CPU, then moved: no device synchronisation per batch for the checks
     batches = list(iter_batches(data, tokenizer, batch_size=batch_size, max_length=max_length,
-                                num_samples=num_samples, seed=seed, device=device))
+                                num_samples=num_samples, seed=seed, device="cpu"))
     if vocab_size is not None:
         top = max(int(b["input_ids"].max()) for b in batches if b["input_ids"].numel()) if batches else 0
         if top >= vocab_size or min(int(b["input_ids"].min()) for b in batches if b["input_ids"].numel()) < 0:
@@ -87,7 +88,7 @@ def materialise_batches(data: Any, tokenizer: Any, *, batch_size: int, max_lengt
     if not batches or sum(int(b["attention_mask"].sum()) for b in batches) == 0:
         raise ValueError(f"The {what} has no non-padding tokens (attention_mask is all zeros); give texts "
                          "with content or fix the attention_mask.")
-    return batches
+    return [{key: value.to(device) for key, value in batch.items()} for batch in batches]
 
 
 def teacher_context(model: torch.nn.Module):
@@ -116,25 +117,26 @@ def collect_activation_stats(model: torch.nn.Module, data: Any, tokenizer: Any =
     """
     hf_model = plain_model(model)
     device = next(hf_model.parameters()).device
+    # the batches stay on the CPU, where the bookkeeping reads them without a device synchronisation
     batches = materialise_batches(data, tokenizer, batch_size=batch_size, max_length=max_length,
-                                  num_samples=num_samples, seed=seed, device=device,
+                                  num_samples=num_samples, seed=seed, device="cpu",
                                   vocab_size=hf_model.config.get_text_config().vocab_size)
     sumsq: torch.Tensor | None = None
     num_sequences = num_tokens = 0
     sink: list[torch.Tensor | None] = []
     with teacher_context(model), record_hidden_states(hf_model, sink):
         for batch in tqdm(batches, desc="Calibrating", disable=not show_progress_bar):
-            mask = batch["attention_mask"]
-            valid = mask.sum(1) > 0
+            valid = batch["attention_mask"].sum(1) > 0
             if not valid.any():
                 continue
-            hf_model.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask,
-                           position_ids=position_ids_from_mask(mask), use_cache=False)
+            num_sequences += int(valid.sum())
+            num_tokens += int(batch["attention_mask"].sum())
+            mask, valid = batch["attention_mask"].to(device), valid.to(device)
+            hf_model.get_decoder()(input_ids=batch["input_ids"].to(device), attention_mask=mask,
+                                   position_ids=position_ids_from_mask(mask), use_cache=False)
             m = mask[valid].to(torch.float64).unsqueeze(-1)  # (B', T, 1)
             means = torch.stack([(h[valid].abs().to(torch.float64) * m).sum(1) / m.sum(1) for h in sink])
             sumsq = (means ** 2).sum(1) if sumsq is None else sumsq + (means ** 2).sum(1)
-            num_sequences += int(valid.sum())
-            num_tokens += int(mask.sum())
     return ActivationStats(per_layer=sumsq.sqrt().cpu(), num_sequences=num_sequences, num_tokens=num_tokens)
 
 

@@ -371,10 +371,13 @@ class RedModel(nn.Module):
                             commit_message=commit_message, api=api)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, is_trainable: bool = True, *,
+    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, is_trainable: bool = False, *,
                         revision: str | None = None, token: str | bool | None = None) -> "RedModel":
         """Rebuild a RedModel from its teacher and an adapter: a folder written by `save_pretrained`, or a Hub repo
-        id written by `push_to_hub` (downloaded through huggingface_hub; offline mode and the cache respected)."""
+        id written by `push_to_hub` (downloaded through huggingface_hub; offline mode and the cache respected).
+
+        As PEFT's `PeftModel.from_pretrained`: frozen and in eval mode unless `is_trainable=True` (then the
+        projections and norm gains train and the model is in training mode)."""
         path = adapter_folder(path, revision=revision, token=token)
         config = RedAdapterConfig.from_pretrained(path)
         weights = os.path.join(path, ADAPTER_WEIGHTS_NAME)
@@ -384,7 +387,7 @@ class RedModel(nn.Module):
         red.load_adapter_state_dict(load_file(weights, device=str(next(model.parameters()).device)))
         for p in red.trainable_parameters():
             p.requires_grad_(is_trainable)
-        return red
+        return red.train(is_trainable)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*self.red_projections.values(), *self.red_norms.values()]

@@ -1,7 +1,6 @@
 """The `transformers-red` command line: one module per subcommand, dispatched from `main`.
 
-Each subcommand module has `HELP` and `main(argv) -> int` (and, except `distill`, whose flags are RedConfig's
-fields through TRL's parser, a `build_parser()`). Flags are spelled with underscores everywhere; the dashed
+Each subcommand module has `HELP` (its line in `SUBCOMMANDS`), `build_parser()` and `main(argv) -> int`. Flags are spelled with underscores everywhere; the dashed
 spellings are accepted too. A bad input prints `error: ...` and exits with status 2; `--debug` (anywhere on the
 line) shows the traceback instead.
 """
@@ -12,18 +11,26 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# subcommand -> its module under transformers_red.commands
-SUBCOMMANDS = {"inspect": "inspect", "distill": "distill", "demo": "demo", "eval": "eval", "erank": "erank",
-               "push": "push", "plan": "plan"}
+# subcommand -> one line of help; each lives in the module of its name under transformers_red.commands, which is
+# imported only when that subcommand runs (so `transformers-red --help` imports no torch, transformers or TRL)
+SUBCOMMANDS = {
+    "inspect": "Report what compressing a teacher does at step 0 (shapes, eRank, spectra) for RED and random init.",
+    "distill": "Distil a student (TRL's flags and YAML: ScriptArguments, ModelConfig and every RedConfig field).",
+    "demo": "RED vs random-init students of the embedded chain-reasoning teacher, side by side.",
+    "eval": "Evaluate a model with lm-evaluation-harness on offline (or hub) tasks.",
+    "erank": "Per-layer eRank of one or more models side by side (table and PNG).",
+    "push": "Upload a merged student with a RED model card to the Hugging Face Hub.",
+    "plan": "Per-GPU memory estimate of a distillation run from the teacher's config (no weights loaded).",
+}
 
 
 def _module(name: str):
-    return importlib.import_module(f".{SUBCOMMANDS[name]}", __name__)
+    return importlib.import_module(f".{name}", __name__)
 
 
 def usage() -> str:
     lines = ["usage: transformers-red {" + ",".join(SUBCOMMANDS) + "} ...", "", "subcommands:"]
-    lines += [f"  {name:<8} {_module(name).HELP}" for name in SUBCOMMANDS]
+    lines += [f"  {name:<8} {text}" for name, text in SUBCOMMANDS.items()]
     lines += ["", "`transformers-red NAME -h` shows the flags of one subcommand."]
     return "\n".join(lines)
 

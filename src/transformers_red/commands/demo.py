@@ -7,9 +7,10 @@ import argparse
 from collections.abc import Sequence
 
 from ..demo.run import VARIANTS, format_demo, run_demo
+from . import SUBCOMMANDS
 from .flags import normalise_flags
 
-HELP = "RED vs random-init students of the embedded chain-reasoning teacher, side by side."
+HELP = SUBCOMMANDS["demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

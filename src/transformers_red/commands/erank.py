@@ -8,10 +8,16 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from ..evaluation.lm_eval import compare_erank, format_erank_table, load_texts, plot_erank
+from ..evaluation.lm_eval import (
+    compare_erank,
+    format_erank_table,
+    load_texts,
+    plot_erank,
+)
+from . import SUBCOMMANDS
 from .flags import normalise_flags
 
-HELP = "Per-layer eRank of one or more models side by side (table and PNG)."
+HELP = SUBCOMMANDS["erank"]
 
 
 def build_parser() -> argparse.ArgumentParser:

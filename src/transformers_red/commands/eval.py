@@ -8,10 +8,17 @@ import json
 import pathlib
 from collections.abc import Sequence
 
-from ..evaluation.lm_eval import OFFLINE_TAG, OFFLINE_TASKS, _jsonable, _require_lm_eval, evaluate_compressed
+from ..evaluation.lm_eval import (
+    OFFLINE_TAG,
+    OFFLINE_TASKS,
+    _jsonable,
+    _require_lm_eval,
+    evaluate_compressed,
+)
+from . import SUBCOMMANDS
 from .flags import normalise_flags
 
-HELP = "Evaluate a model with lm-evaluation-harness on offline (or hub) tasks."
+HELP = SUBCOMMANDS["eval"]
 
 
 def _limit(value: str) -> int | float:

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 
 from ..adapter.config import RedAdapterConfig
 from ..loading import LoadError, load_model
+from . import SUBCOMMANDS
 from .flags import normalise_flags
 
-HELP = "Report what compressing a teacher does at step 0 (shapes, eRank, spectra) for RED and random init."
+HELP = SUBCOMMANDS["inspect"]
 
 
 def build_parser() -> argparse.ArgumentParser:

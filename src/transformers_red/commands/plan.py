@@ -9,10 +9,18 @@ from collections.abc import Sequence
 
 from ..adapter.architectures import CLONE_TERMS
 from ..loading import load_config
-from ..training.memory_plan import DEFAULT_LOSS_CHUNK_SIZE, ENGINES, LOGIT_PATHS, estimate_memory
+from ..training.memory_plan import (
+    DEFAULT_LOSS_CHUNK_SIZE,
+    ENGINES,
+    LOGIT_PATHS,
+    estimate_memory,
+)
+from . import SUBCOMMANDS
 from .flags import normalise_flags
 
-HELP = "Per-GPU memory estimate of a distillation run from the teacher's config (no weights loaded)."
+HELP = SUBCOMMANDS["plan"]
+# torch's dtype names (as `distill --dtype` and `eval --dtype` spell them) -> memory_plan's; the short names too
+_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,9 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=1, help="Data-parallel processes in all (default 1).")
     p.add_argument("--engine", default="ddp", choices=list(ENGINES),
                    help="ddp, fsdp (FSDP2), zero2 or zero3 (DeepSpeed); default ddp.")
-    p.add_argument("--micro_batch_size", type=int, default=8, help="Sequences per GPU per step (default 8).")
-    p.add_argument("--seq_len", type=int, default=2048, help="Tokens per sequence (default 2048).")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="Teacher / activation dtype.")
+    p.add_argument("--per_device_train_batch_size", type=int, default=8,
+                   help="Sequences per GPU per micro-batch (default 8).")
+    p.add_argument("--max_length", type=int, default=2048, help="Tokens per sequence (default 2048).")
+    p.add_argument("--dtype", default="bfloat16", choices=list(_DTYPES), help="Teacher / activation dtype.")
+    # the names of earlier releases, still accepted
+    p.add_argument("--micro_batch_size", type=int, dest="per_device_train_batch_size", help=argparse.SUPPRESS)
+    p.add_argument("--seq_len", type=int, dest="max_length", help=argparse.SUPPRESS)
     p.add_argument("--loss_chunk_size", type=int, default=DEFAULT_LOSS_CHUNK_SIZE,
                    help=f"RedConfig.loss_chunk_size (default {DEFAULT_LOSS_CHUNK_SIZE}).")
     p.add_argument("--logit_loss_from", default="logits", choices=list(LOGIT_PATHS),
@@ -50,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(args.teacher)
     plan = estimate_memory(config, width_ratio=args.width_ratio, target_hidden_size=args.target_hidden_size,
                            gpus=args.gpus, engine=args.engine,
-                           micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, dtype=args.dtype,
+                           micro_batch_size=args.per_device_train_batch_size, seq_len=args.max_length,
+                           dtype=_DTYPES[args.dtype],
                            loss_chunk_size=args.loss_chunk_size, logit_loss_from=args.logit_loss_from,
                            clone_terms=tuple(args.clone_terms),
                            activation_checkpointing=args.activation_checkpointing,

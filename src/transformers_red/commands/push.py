@@ -8,9 +8,10 @@ import pathlib
 from collections.abc import Sequence
 
 from ..hub import HubPushError, build_model_card, check_student_folder, push_compressed
+from . import SUBCOMMANDS
 from .flags import normalise_flags
 
-HELP = "Upload a merged student with a RED model card to the Hugging Face Hub."
+HELP = SUBCOMMANDS["push"]
 
 
 def _use_timeouts(seconds: float) -> None:

@@ -159,6 +159,7 @@ class RedConfig(SFTConfig):
                             f"{self.form_student_weights!r}")
         if self.loss_chunk_size <= 0:
             problems.append(f"loss_chunk_size must be > 0, got {self.loss_chunk_size}")
+        problems += _unsupported_sft_settings(self)
         if self.erank_steps < 0 or self.erank_num_samples <= 0:
             problems.append("erank_steps must be >= 0 and erank_num_samples > 0")
         if problems:
@@ -180,3 +181,21 @@ class RedConfig(SFTConfig):
             fields.pop("target_hidden_size", None)
             fields.pop("width_ratio", None)
         return RedAdapterConfig(**{**fields, **overrides})
+
+
+def _unsupported_sft_settings(config: RedConfig) -> list[str]:
+    """SFTConfig / TrainingArguments settings that RED's loss never reads: refused rather than silently ignored."""
+    problems = []
+    if config.loss_type != "nll":
+        problems.append(f"loss_type={config.loss_type!r} is an SFT loss; RED trains with its own CE + KD + clone loss "
+                        "(weights ce_weight, kd_weight, clone_weight): leave loss_type='nll'")
+    if config.label_smoothing_factor:
+        problems.append(f"label_smoothing_factor={config.label_smoothing_factor} is not applied by the distillation "
+                        "loss (the teacher's distribution already softens the targets): leave it 0")
+    if config.neftune_noise_alpha is not None:
+        problems.append("neftune_noise_alpha adds noise to the teacher's own embedding, which the frozen teacher pass "
+                        "shares: leave it None (NEFTune the merged student afterwards if wanted)")
+    if config.use_liger_kernel:
+        problems.append("use_liger_kernel patches the teacher's modules that RED wraps: leave it False "
+                        "(logit_loss_from='hidden_states' is RED's memory-saving path)")
+    return problems

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 from trl import SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
@@ -24,7 +26,7 @@ from ..adapter.calibrate import materialise_batches
 from ..adapter.config import teacher_weights_digest
 from ..adapter.model import RedModel, calibrate_channels, get_red_model
 from ..constants import PAPER_CITATION, PAPER_ID, PAPER_TITLE, TAGS
-from ..data import position_ids_from_mask
+from ..data import batch_token_count, dataset_token_count, position_ids_from_mask
 from ..loading import load_model
 from .callbacks import ERankCallback
 from .checkpoints import last_complete_checkpoint, run_identity
@@ -32,6 +34,7 @@ from .clone import CloneLoss, capture_outputs, clone_sites
 from .config import RedConfig
 from .cpu_memory import keep_freed_cpu_memory
 from .distributed import from_main_process, is_distributed, register_zero3_leaf_modules, whole_parameters
+from .placement import place_on_training_device, training_autocast
 from .losses import (IGNORE_INDEX, LogitLossWorkspace, fused_logit_loss, generalized_jsd_loss,
                      hidden_state_logit_loss, shift_labels)
 from .saving import RedSavingMixin
@@ -72,6 +75,8 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
         if not isinstance(args, RedConfig):
             raise TypeError(f"args must be a RedConfig, got {type(args).__name__}.")
         self._check_dataset(train_dataset, args, "train_dataset")
+        self._given_train_rows = len(train_dataset) if hasattr(train_dataset, "__len__") else None
+        self._refuse_unsupported(args, eval_dataset, kwargs)
         name = model if isinstance(model, str) else args.teacher_model_name_or_path if model is None else None
         if model is None and name is None:
             raise ValueError("Give the teacher: RedDistillationTrainer(model=teacher_or_path, ...) or "
@@ -92,7 +97,9 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
             teacher_model = load_model(teacher_model, tokenizer=False, init_kwargs=args.teacher_model_init_kwargs)[0]
         calibration, calibration_source = self._calibration_texts(args, train_dataset, calibration_dataset,
                                                                   processing_class)
-        with whole_parameters(model):  # a ZeRO-3 zero.Init teacher: calibrate and initialise on real weights
+        # the teacher passes below (channel statistics, clone normalisers) run where and how the run trains
+        place_on_training_device(model, args)
+        with whole_parameters(model), training_autocast(args):  # a zero.Init teacher: calibrate on real weights
             if not isinstance(model, RedModel):
                 model = self._build_red_model(model, args, name, calibration, calibration_source, processing_class)
             self._clone = self._build_clone_loss(model, args, calibration, processing_class)
@@ -126,6 +133,10 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks, **kwargs)
         self.model_accepts_loss_kwargs = True  # so Trainer counts num_items_in_batch for our loss
+        if hasattr(self.train_dataset, "__len__") and len(self.train_dataset) == 0:
+            raise ValueError(f"No training row is left after tokenisation: TRL drops rows with no trained token, and "
+                             f"truncation to max_length={args.max_length} removed every completion. Raise max_length "
+                             "or shorten the prompts.")
         if args.logit_loss_from == "hidden_states" and teacher_model is not None and self._uses_sharding_engine:
             raise ValueError("logit_loss_from='hidden_states' with a separate teacher_model reads that teacher's LM-head "
                              "weight outside its forward, which DeepSpeed ZeRO-3 / FSDP have partitioned: use 'logits', "
@@ -147,6 +158,30 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
         # CPU: keep the loss scratch between steps (no allocator cache); CUDA's caching allocator reuses it anyway
         self._loss_workspace = LogitLossWorkspace() if on_cpu else None
         self._forms_per_step = self._forms_weights_per_step(args)
+
+    def training_data_summary_line(self) -> str:
+        """What the run will train on, said before it starts: rows, tokens after TRL's tokenisation, truncation to
+        `max_length` and packing, and the steps that covers."""
+        rows = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None
+        tokens = dataset_token_count(self.train_dataset)
+        args = self.args
+        parts = [f"{self._given_train_rows} rows" if self._given_train_rows is not None else "a streamed dataset"]
+        if rows is not None and self._given_train_rows is not None and rows < self._given_train_rows and not args.packing:
+            parts.append(f"of which {self._given_train_rows - rows} were dropped by TRL (no trained token left after "
+                         f"truncation to max_length={args.max_length})")
+        if tokens is not None:
+            parts.append(f"{tokens:,} tokens after tokenisation"
+                         + (f" and truncation to max_length={args.max_length}" if args.max_length else ""))
+        if args.packing and rows is not None:
+            parts.append(f"packed into {rows} sequences")
+        if args.max_steps > 0:
+            steps = f"{args.max_steps} steps (max_steps)"
+        elif rows is not None:
+            per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            steps = f"{args.num_train_epochs:g} epochs of {math.ceil(rows / per_step)} steps"
+        else:
+            steps = "until the dataset ends"
+        return "Training on " + ", ".join(parts) + f": {steps}."
 
     @property
     def _uses_sharding_engine(self) -> bool:
@@ -175,6 +210,17 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
             return super().training_step(model, inputs, num_items_in_batch)
 
     # ---------------------------------------------------------------------------------------- setup
+    @staticmethod
+    def _refuse_unsupported(args: RedConfig, eval_dataset: Any, kwargs: dict) -> None:
+        """What RED cannot honour, refused before the teacher is calibrated (RedConfig refuses its own fields)."""
+        if kwargs.get("peft_config") is not None:
+            raise ValueError("peft_config: RED trains its own projections over the frozen teacher, and a PEFT adapter "
+                             "cannot be stacked on the wrapped teacher. Distil first, then apply LoRA to the merged "
+                             "student: peft.get_peft_model(trainer.merged_student(), LoraConfig(...)).")
+        if args.eval_strategy != "no" and eval_dataset is None:
+            raise ValueError(f"eval_strategy={args.eval_strategy.value!r} needs an eval_dataset: pass "
+                             "RedDistillationTrainer(eval_dataset=...) or leave eval_strategy='no'.")
+
     @staticmethod
     def _check_dataset(dataset: Any, args: RedConfig, what: str) -> None:
         if dataset is None:
@@ -239,8 +285,11 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
                                           num_samples=config.calibration_num_samples, seed=config.calibration_seed,
                                           device=next(red.parameters()).device,
                                           vocab_size=red.config.get_text_config().vocab_size)
+            show = not args.disable_tqdm and args.process_index == 0
+
             def scales() -> dict:
-                clone.calibrate(_teacher_outputs(red, batches, clone.names))
+                clone.calibrate(_teacher_outputs(red, tqdm(batches, desc="clone normalisers", disable=not show),
+                                                 clone.names))
                 return clone.scales
 
             clone.scales = from_main_process(scales)  # every rank divides by the same constants
@@ -380,8 +429,8 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
                   **{f"clone/{term}": value for term, value in clone.items()}}
         for key, value in values.items():
             self._metrics[mode][key].append((gather(value.detach().reshape(1)).sum() / n).item())
-        if mode == "train" and "attention_mask" in inputs:
-            self._total_train_tokens += int(gather(inputs["attention_mask"].sum().reshape(1)).sum())
+        if mode == "train":
+            self._total_train_tokens += int(gather(batch_token_count(inputs).reshape(1)).sum())
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
 
