@@ -62,18 +62,20 @@ def parse_args(argv=None):
     p.add_argument("--eval_seed", type=int, default=1234, help="held-out problem seed (differs from --seed)")
     p.add_argument("--min_k", type=int, default=1)
     p.add_argument("--max_k", type=int, default=6)
-    p.add_argument("--steps", type=int, default=900)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--min_lr_ratio", type=float, default=0.1)
     p.add_argument("--warmup_steps", type=int, default=30)
     p.add_argument("--weight_decay", type=float, default=0.0)
-    p.add_argument("--save_every", type=int, default=50)
-    p.add_argument("--eval_every", type=int, default=150, help="quick held-out eval every N steps; 0: never")
+    p.add_argument("--save_every", type=int, default=25)
+    p.add_argument("--eval_every", type=int, default=100, help="quick held-out eval every N steps; 0: never")
     p.add_argument("--quick_eval_per_k", type=int, default=16)
     p.add_argument("--eval_per_k", type=int, default=100, help="held-out problems per K at the end")
     p.add_argument("--eval_max_k", type=int, default=8, help="also score K beyond training (extrapolation)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--stop_after", type=int, default=None,
+                   help="checkpoint and exit after this step (time-boxed sessions); rerun to resume")
     return p.parse_args(argv)
 
 
@@ -181,9 +183,12 @@ def main(argv=None) -> dict:
                                      "quick_accuracy": {str(k): a for k, a in acc.items()}})
             print("   quick eval  " + "  ".join(f"K{k}:{a:.2f}" for k, a in acc.items()), flush=True)
             t0 = time.perf_counter() - state["train_seconds"]  # evaluation time is not training time
-        if done % args.save_every == 0 and done < args.steps:
+        if (done % args.save_every == 0 or done == args.stop_after) and done < args.steps:
             _save_checkpoint(work, model, optimizer, state)
             t0 = time.perf_counter() - state["train_seconds"]
+        if done == args.stop_after and done < args.steps:
+            print(f"stopped after step {done} (--stop_after); rerun the same command to resume", flush=True)
+            return state
 
     model.eval()
     held_out = [p for k in range(1, args.eval_max_k + 1)

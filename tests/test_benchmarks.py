@@ -150,3 +150,29 @@ def test_step_overhead_runs_every_phase_with_gkd(tmp_path, grad_accum):
     assert set(result["memory"]) == set(result["med"])
     assert all(m["resident"] > 0 for m in result["memory"].values())
     assert result["memory"]["g"]["resident"] > result["memory"]["b"]["resident"]  # GKD also keeps the teacher
+
+
+def test_reasoner_arms_benchmark_smoke_every_arm_resumes_and_rerenders(tmp_path):
+    """benchmarks/reasoner_arms.py at 2 steps on a tiny teacher: every arm measured at steps 0 and 2, a second run
+    skips measured arms, other settings are refused, and --from_json re-renders the doc section."""
+    bench = load_benchmark("reasoner_arms")
+    out = tmp_path / "arms"
+    common = ["--teacher", "tiny", "--steps", "2", "--measure_steps", "0", "2", "--problems_per_k", "1", "--max_k", "2",
+              "--train_samples", "16", "--generic_texts", "2", "--erank_texts", "2", "--max_length", "400",
+              "--output_dir", str(out)]
+    bench.main([*common, "--arms", *bench.ARMS])
+    report = json.loads((out / "width_0.5" / "results.json").read_text())
+    assert list(report["arms"]) == list(bench.ARMS)
+    for arm, run in report["arms"].items():
+        # the hybrid is also measured where it switches from projections to weights
+        assert [r["step"] for r in run["records"]] == ([0, 1, 2] if arm == "hybrid" else [0, 2]), arm
+        assert set(run["records"][-1]["exact_match"]) == {"1", "2"} and run["records"][-1]["ppl_generic"] > 0
+    before = (out / "width_0.5" / "results.json").read_text()
+    bench.main([*common, "--arms", "red"])  # already measured: nothing is rerun
+    assert (out / "width_0.5" / "results.json").read_text() == before
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.main([*common[:3], "3", *common[4:], "--arms", "red"])
+    doc = tmp_path / "results.md"
+    doc.write_text("# results\n")
+    bench.main(["--from_json", str(out), "--update_doc", str(doc)])
+    assert "<!-- reasoner_arms:begin -->" in doc.read_text() and "prune and distil" in doc.read_text()

