@@ -16,6 +16,14 @@ from ..adapter.config import RedAdapterConfig
 
 TRAIN_TARGETS = ("projections", "weights")
 FORMING_MODES = ("auto", "per_step", "per_forward")
+# RedConfig fields with a closed set of values: the one table __post_init__ checks
+CHOICES = {
+    "train": TRAIN_TARGETS,
+    "clone_output_space": ("student", "teacher"),
+    "clone_normalization": tuple(CLONE_NORMALIZATIONS),
+    "logit_loss_from": ("logits", "hidden_states"),
+    "form_student_weights": FORMING_MODES,
+}
 
 
 @dataclass
@@ -145,18 +153,8 @@ class RedConfig(SFTConfig):
         unknown = set(self.clone_terms) - set(CLONE_TERMS)
         if unknown:
             problems.append(f"unknown clone_terms {sorted(unknown)}; choose from {list(CLONE_TERMS)}")
-        if self.clone_output_space not in ("student", "teacher"):
-            problems.append(f"clone_output_space must be 'student' or 'teacher', got {self.clone_output_space!r}")
-        if self.clone_normalization not in CLONE_NORMALIZATIONS:
-            problems.append(f"clone_normalization must be one of {list(CLONE_NORMALIZATIONS)}, got "
-                            f"{self.clone_normalization!r}")
-        if self.train not in TRAIN_TARGETS:
-            problems.append(f"train must be one of {list(TRAIN_TARGETS)}, got {self.train!r}")
-        if self.logit_loss_from not in ("logits", "hidden_states"):
-            problems.append(f"logit_loss_from must be 'logits' or 'hidden_states', got {self.logit_loss_from!r}")
-        if self.form_student_weights not in FORMING_MODES:
-            problems.append(f"form_student_weights must be one of {list(FORMING_MODES)}, got "
-                            f"{self.form_student_weights!r}")
+        problems += [f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}"
+                     for name, allowed in CHOICES.items() if getattr(self, name) not in allowed]
         if self.loss_chunk_size <= 0:
             problems.append(f"loss_chunk_size must be > 0, got {self.loss_chunk_size}")
         problems += _unsupported_sft_settings(self)
