@@ -69,8 +69,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (GIB, environment_line, make_plain_step, make_trainer_step, peak_memory,  # noqa: E402
-                     tensor_bytes, timed)
+from _common import GIB, environment_line, make_plain_step, make_trainer_step, peak_memory, tensor_bytes, timed  # noqa: E402
 
 TARGET_RATIO = 0.58  # RED tokens/s >= 0.58 x plain training of the same-size student
 H100_BF16_DENSE_TFLOPS = 989.0

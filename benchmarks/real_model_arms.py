@@ -40,10 +40,10 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from transformers_red import RedConfig, RedDistillationTrainer  # noqa: E402
+from transformers_red.demo.chain_task import greedy_generate  # noqa: E402
 from transformers_red.evaluation.erank import layerwise_effective_rank  # noqa: E402
 from transformers_red.evaluation.perplexity import perplexity  # noqa: E402
 from transformers_red.records import update_marked_section  # noqa: E402
-from transformers_red.demo.chain_task import greedy_generate  # noqa: E402
 
 ARMS = {
     "red": ("RED, defaults", {}),

@@ -86,8 +86,17 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (GIB, environment_line, make_plain_step, make_trainer_step, peak_memory,  # noqa: E402
-                     peak_rss_gib, set_allocator_returns_memory, tensor_bytes, timed)
+from _common import (  # noqa: E402
+    GIB,
+    environment_line,
+    make_plain_step,
+    make_trainer_step,
+    peak_memory,
+    peak_rss_gib,
+    set_allocator_returns_memory,
+    tensor_bytes,
+    timed,
+)
 
 ALL_PHASES = ("a", "b", "w", "c", "h", "f", "g")
 TARGET = 1.15  # the bound on (c) / ((a) + (b) + (w)) for SmolLM2 on CPU
@@ -576,8 +585,8 @@ def print_results(results: list[dict], args) -> None:
                           f"{_ratio(res['cpu'], key, 'g'):.3f} (median CPU): {verdict}")
 
     if any(res["memory"] for res in results):
-        print(f"\n=== Memory per step, GiB: transient peak above the phase's start / resident state kept between "
-              f"steps / sum ===")
+        print("\n=== Memory per step, GiB: transient peak above the phase's start / resident state kept between "
+              "steps / sum ===")
     for res in results:
         if res["memory"]:
             print(f"{res['model']}:")

@@ -32,8 +32,8 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 
 from transformers_red import RedConfig, RedDistillationTrainer  # noqa: E402
-from transformers_red.evaluation.perplexity import perplexity  # noqa: E402
 from transformers_red.evaluation.lm_eval import compare_erank, evaluate_compressed, format_erank_table  # noqa: E402
+from transformers_red.evaluation.perplexity import perplexity  # noqa: E402
 from transformers_red.records import update_marked_section  # noqa: E402
 from transformers_red.resources import builtin_texts, load_smollm2, reasoning_texts  # noqa: E402
 

@@ -6,12 +6,12 @@ import logging
 import os
 
 import datasets
-import torch
 import pytest
+import torch
 from testing_utils import make_red_trainer
 
-from transformers_red.resources import builtin_texts, tiny_teacher
 from transformers_red.adapter.config import teacher_weights_digest
+from transformers_red.resources import builtin_texts, tiny_teacher
 from transformers_red.training.checkpoints import RUN_STATE_NAME, last_complete_checkpoint
 
 SAVE = dict(save_strategy="steps", save_steps=2, max_steps=4)

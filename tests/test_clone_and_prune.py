@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from transformers_red import RedConfig, RedDistillationTrainer
-from transformers_red.training.clone import CloneLoss
 from transformers_red.adapter.layer import RedLayer
 from transformers_red.resources import builtin_texts
+from transformers_red.training.clone import CloneLoss
 
 
 @pytest.fixture(scope="module")

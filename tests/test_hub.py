@@ -15,8 +15,8 @@ import shutil
 import datasets
 import huggingface_hub.hf_api
 import pytest
-import transformers.utils.hub
 import torch
+import transformers.utils.hub
 from fake_hub import FakeHub
 from huggingface_hub import EvalResult, HfApi, ModelCard, constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from transformers_red import RedAdapterConfig, RedConfig, RedDistillationTrainer, get_red_model
+from transformers_red.commands import push as push_command
 from transformers_red.hub import (
     CARD_ERANK_NAME,
     HubPushError,
@@ -32,7 +33,6 @@ from transformers_red.hub import (
     count_parameters,
     push_compressed,
 )
-from transformers_red.commands import push as push_command
 from transformers_red.resources import builtin_texts, byte_tokenizer, tiny_teacher
 
 TOKEN = "hf_fakeTOKEN0123456789secret"

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from transformers_red import RedAdapterConfig, RedConfig, RedDistillationTrainer, get_red_model
-from transformers_red.training.losses import LogitLossWorkspace, fused_logit_loss, logit_loss_sums, masked_mse_sum
 from transformers_red.resources import builtin_texts, tiny_teacher
+from transformers_red.training.losses import LogitLossWorkspace, fused_logit_loss, logit_loss_sums, masked_mse_sum
 
 
 @pytest.fixture(scope="module")

@@ -3,23 +3,22 @@
 Pipeline: calibrate -> initialise -> distil -> merge -> evaluate -> publish.
 """
 
-from .training.callbacks import ERankCallback
-from .adapter.calibrate import ActivationStats, collect_activation_stats, select_channels
-from .training.clone import CloneLoss
 from .adapter.architectures import ARCHITECTURES, SUPPORTED_MODEL_TYPES, TARGET_MODULES_MAPPING, Architecture
+from .adapter.calibrate import ActivationStats, collect_activation_stats, select_channels
 from .adapter.config import RedAdapterConfig
-from .evaluation.erank import effective_rank, layerwise_effective_rank, projection_spectra, spectrum_effective_rank
-from .hub import HubPushError, build_model_card, push_compressed
 from .adapter.initialise import orthogonal_projection, random_projection, selection_matrix
 from .adapter.layer import RedEmbedding, RedLinear, RedRMSNorm
 from .adapter.merge import student_config
-from .training.losses import generalized_jsd_loss
 from .adapter.model import RedModel, get_red_model
+from .constants import __version__
+from .evaluation.erank import effective_rank, layerwise_effective_rank, projection_spectra, spectrum_effective_rank
+from .hub import HubPushError, build_model_card, push_compressed
+from .training.callbacks import ERankCallback
+from .training.clone import CloneLoss
 from .training.config import RedConfig
+from .training.losses import generalized_jsd_loss
 from .training.memory_plan import estimate_memory
 from .training.trainer import RedDistillationTrainer
-
-from .constants import __version__
 
 
 def __getattr__(name: str):

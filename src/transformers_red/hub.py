@@ -21,8 +21,17 @@ from huggingface_hub.utils import validate_repo_id
 
 from .adapter.model import RedModel
 from .adapter.remote import HUB_ID, file_contains, upload_token
-from .constants import (ADAPTER_WEIGHTS_NAME, CARD_ERANK_NAME, ERANK_NAME, EXPORT_INCOMPLETE_NAME, LEGACY_SUMMARY_NAME, PAPER_CITATION,
-                        PAPER_ID, STUDENT_SUMMARY_NAME, TAGS)
+from .constants import (
+    ADAPTER_WEIGHTS_NAME,
+    CARD_ERANK_NAME,
+    ERANK_NAME,
+    EXPORT_INCOMPLETE_NAME,
+    LEGACY_SUMMARY_NAME,
+    PAPER_CITATION,
+    PAPER_ID,
+    STUDENT_SUMMARY_NAME,
+    TAGS,
+)
 
 logger = logging.getLogger(__name__)
 

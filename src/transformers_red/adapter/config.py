@@ -13,11 +13,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..constants import ADAPTER_CONFIG_NAME
 import torch
 
+from ..constants import ADAPTER_CONFIG_NAME
 from .architectures import get_architecture
-
 
 _SAMPLES_PER_TENSOR = 1024  # teacher weights hashed per tensor
 # Config keys that do not change the teacher's function or shapes and must not break the fingerprint.

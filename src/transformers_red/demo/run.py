@@ -19,12 +19,18 @@ from typing import Any
 import datasets
 import torch
 
-from ..loading import load_text_dataset
 from ..evaluation.erank import layerwise_effective_rank, projection_spectra
+from ..loading import load_text_dataset
 from ..training.config import RedConfig
 from ..training.trainer import RedDistillationTrainer
-from .chain_task import (HOPS, completion_columns, evaluate_model, generate_mixed_problems, generate_problems,
-                    load_reasoning_teacher)
+from .chain_task import (
+    HOPS,
+    completion_columns,
+    evaluate_model,
+    generate_mixed_problems,
+    generate_problems,
+    load_reasoning_teacher,
+)
 
 
 @dataclass(frozen=True)

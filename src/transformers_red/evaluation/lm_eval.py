@@ -14,16 +14,13 @@ lm-eval is an optional dependency (`pip install "transformers_red[eval]"`), impo
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import pathlib
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
-
 
 from ..loading import load_model, read_paragraphs
 

@@ -11,8 +11,8 @@ import torch
 from trl import SFTConfig
 
 from ..adapter.architectures import CLONE_TERMS
-from .clone import CLONE_NORMALIZATIONS
 from ..adapter.config import RedAdapterConfig
+from .clone import CLONE_NORMALIZATIONS
 
 TRAIN_TARGETS = ("projections", "weights")
 FORMING_MODES = ("auto", "per_step", "per_forward")

@@ -24,10 +24,23 @@ from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import TrainOutput
 
 from ..adapter.merge import outside_zero3_init, student_config, tied_parameter_names
-from ..constants import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ERANK_NAME, EXPORT_INCOMPLETE_NAME,
-                         LEGACY_SUMMARY_NAME, STUDENT_SUMMARY_NAME, STUDENT_WEIGHTS_NAME)
-from .checkpoints import (RUN_STATE_NAME, checkpoint_problem, last_complete_checkpoint, read_run_state,
-                          required_files, write_run_state)
+from ..constants import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    ERANK_NAME,
+    EXPORT_INCOMPLETE_NAME,
+    LEGACY_SUMMARY_NAME,
+    STUDENT_SUMMARY_NAME,
+    STUDENT_WEIGHTS_NAME,
+)
+from .checkpoints import (
+    RUN_STATE_NAME,
+    checkpoint_problem,
+    last_complete_checkpoint,
+    read_run_state,
+    required_files,
+    write_run_state,
+)
 from .distributed import barrier, reshard, whole_parameters
 
 logger = logging.getLogger(__name__)

@@ -32,8 +32,14 @@ from .clone import CloneLoss, capture_outputs, clone_sites
 from .config import RedConfig
 from .cpu_memory import keep_freed_cpu_memory
 from .distributed import from_main_process, is_distributed, register_zero3_leaf_modules, whole_parameters
-from .losses import (IGNORE_INDEX, LogitLossWorkspace, fused_logit_loss, generalized_jsd_loss,
-                     hidden_state_logit_loss, shift_labels)
+from .losses import (
+    IGNORE_INDEX,
+    LogitLossWorkspace,
+    fused_logit_loss,
+    generalized_jsd_loss,
+    hidden_state_logit_loss,
+    shift_labels,
+)
 from .saving import RedSavingMixin
 
 
