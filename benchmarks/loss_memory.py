@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "--vocab", str(args.vocab), "--width", str(args.width), "--chunk", str(args.chunk)],
                                  capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"| {mode} | {args.batch} x {length} | {r['logits_mb']:.0f} | {r['extra_peak_mb']:.0f} |", flush=True)
+            print(f"| {mode} | {args.batch} x {length} | {r['logits_mb']:.0f} | {r['extra_peak_mb']:.0f} |",
+                  flush=True)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The benchmarks behind docs/results.md run end to end at tiny sizes (CPU smoke runs; the benchmarks are not tests)."""
+"""The benchmarks behind docs/results.md run end to end at tiny sizes (CPU smoke runs; the benchmarks are not
+tests)."""
 
 import importlib.util
 import json

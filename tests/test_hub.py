@@ -332,7 +332,8 @@ def test_private_repo_needs_the_token(hub, student_folder):
 
 def test_push_command(hub, student_folder, tmp_path, monkeypatch, capsys):
     results = tmp_path / "results.json"  # as `transformers-red eval --output` writes it
-    results.write_text(json.dumps({"table": "", "eval_results": [{"task": "arc_easy", "metric": "acc", "value": 0.4}]}))
+    card_results = [{"task": "arc_easy", "metric": "acc", "value": 0.4}]
+    results.write_text(json.dumps({"table": "", "eval_results": card_results}))
     assert push_command.main([str(student_folder), REPO, "--dry-run", "--teacher", SMOLLM2,
                               "--eval-results", str(results)]) == 0  # dashed flags of 0.1 still work
     printed = capsys.readouterr().out

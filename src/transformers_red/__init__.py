@@ -10,7 +10,7 @@ from .adapter.initialise import orthogonal_projection, random_projection, select
 from .adapter.layer import RedEmbedding, RedLinear, RedRMSNorm
 from .adapter.merge import student_config
 from .adapter.model import RedModel, get_red_model
-from .constants import __version__
+from .constants import __version__ as __version__
 from .evaluation.erank import effective_rank, layerwise_effective_rank, projection_spectra, spectrum_effective_rank
 from .hub import HubPushError, build_model_card, push_compressed
 from .training.callbacks import ERankCallback

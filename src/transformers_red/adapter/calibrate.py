@@ -69,7 +69,8 @@ def record_hidden_states(model: torch.nn.Module, sink: list[torch.Tensor | None]
 
 def materialise_batches(data: Any, tokenizer: Any, *, batch_size: int, max_length: int,
                         num_samples: int | None, seed: int | None, device: Any,
-                        what: str = "calibration data", vocab_size: int | None = None) -> list[dict[str, torch.Tensor]]:
+                        what: str = "calibration data",
+                        vocab_size: int | None = None) -> list[dict[str, torch.Tensor]]:
     """Tokenise everything up front (cheap) so bad input fails before the first forward (expensive).
 
     `vocab_size`: the model's; token ids at or above it are refused here rather than as an IndexError in the

@@ -141,7 +141,8 @@ class RedAdapterConfig:
         if self.target_modules is not None:
             missing = {"input", "output", "norms"} - set(self.target_modules)
             if missing:
-                raise ValueError(f"target_modules needs the keys 'input', 'output' and 'norms'; missing {sorted(missing)}.")
+                raise ValueError("target_modules needs the keys 'input', 'output' and 'norms'; "
+                                 f"missing {sorted(missing)}.")
         if self.trainable_dtype not in ("float32", "teacher"):
             raise ValueError(f"trainable_dtype={self.trainable_dtype!r} is not supported; use 'float32' (float32 "
                              "projections over a half-precision teacher) or 'teacher'.")

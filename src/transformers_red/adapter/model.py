@@ -127,7 +127,8 @@ class RedModel(nn.Module):
             if name == "base_model":
                 raise
             if name in _WRONG_ON_A_WRAPPED_TEACHER:
-                raise AttributeError(f"RedModel.{name} is not available: {_WRONG_ON_A_WRAPPED_TEACHER[name]}") from None
+                raise AttributeError(
+                    f"RedModel.{name} is not available: {_WRONG_ON_A_WRAPPED_TEACHER[name]}") from None
             # everything else is the teacher's (config, generate, device, dtype, gradient checkpointing, ...):
             # its forward is the student's, so these act on the student
             return getattr(self.base_model, name)

@@ -41,8 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)  # this process is the command's own
-    report = run_demo(teacher_dir=args.teacher, data=args.data, output_dir=args.output_dir, width_ratio=args.width_ratio,
-                      steps=args.steps, seeds=tuple(args.seeds), variants=tuple(args.variants),
+    report = run_demo(teacher_dir=args.teacher, data=args.data, output_dir=args.output_dir,
+                      width_ratio=args.width_ratio, steps=args.steps, seeds=tuple(args.seeds),
+                      variants=tuple(args.variants),
                       eval_per_hop=args.eval_per_hop, train_samples=args.train_samples, batch_size=args.batch_size,
                       learning_rate=args.learning_rate, step0=args.step0, plots=not args.no_plots,
                       show_progress=not args.quiet)

@@ -64,7 +64,8 @@ def run_distill(argv: Sequence[str] | None = None) -> Any:
 
 
 def _resume_flag(value: str | None) -> str | bool | None:
-    """`--resume_from_checkpoint true` means the newest complete checkpoint (as in TRL's scripts); a path stays a path."""
+    """`--resume_from_checkpoint true` means the newest complete checkpoint (as in TRL's scripts); a path stays a
+    path."""
     if isinstance(value, str) and value.lower() in ("true", "yes", "1", "last"):
         return True
     if isinstance(value, str) and value.lower() in ("false", "no", "0", ""):

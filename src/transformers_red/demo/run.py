@@ -76,8 +76,9 @@ def distil_variant(variant: Variant, *, teacher_dir: str | None, train_data: dic
     """
     teacher, tokenizer = load_reasoning_teacher(teacher_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        args = RedConfig(keep_freed_cpu_memory=True, output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size,
-                         learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
+        args = RedConfig(keep_freed_cpu_memory=True, output_dir=tmp, max_steps=steps,
+                         per_device_train_batch_size=batch_size, learning_rate=learning_rate,
+                         lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
                          temperature=variant.temperature, init=variant.init, width_ratio=width_ratio, seed=seed,
                          max_length=128, report_to=[], save_strategy="no", logging_steps=max(1, steps // 10),
                          erank_steps=max(1, steps // 10), erank_num_samples=len(erank_texts),
@@ -105,8 +106,9 @@ def distil_variant(variant: Variant, *, teacher_dir: str | None, train_data: dic
     return result
 
 
-def run_demo(*, teacher_dir: str | None = None, data: str | None = None, output_dir: str | None = None, width_ratio: float = 0.5,
-             steps: int = 150, seeds: tuple[int, ...] = (0,), variants: tuple[str, ...] = ("red", "lrc40", "lrc1"),
+def run_demo(*, teacher_dir: str | None = None, data: str | None = None, output_dir: str | None = None,
+             width_ratio: float = 0.5, steps: int = 150, seeds: tuple[int, ...] = (0,),
+             variants: tuple[str, ...] = ("red", "lrc40", "lrc1"),
              eval_per_hop: int = 50, train_samples: int = 4000, batch_size: int = 32, learning_rate: float = 2e-3,
              step0: bool = False, plots: bool = True, show_progress: bool = True) -> dict[str, Any]:
     """Run the comparison and return every number; writes `results.json` (and plots) into `output_dir`."""

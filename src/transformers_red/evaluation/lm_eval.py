@@ -7,7 +7,8 @@
   filters), `red_chain_sum` (multi-step arithmetic, same protocol) and `red_pydoc_mc` (0-shot 4-way
   multiple choice, acc / acc_norm); the tag `red_offline` selects all three. Where a hub is reachable,
   lm-eval's own tasks (`gsm8k`, `arc_challenge`, ...) are passed through by name.
-* :func:`cli_eval` and :func:`cli_erank` implement `transformers-red eval` and `transformers-red erank`.
+* `transformers-red eval` and `transformers-red erank` (`transformers_red.commands.eval` / `.erank`) call
+  these functions.
 
 lm-eval is an optional dependency (`pip install "transformers_red[eval]"`), imported only when needed.
 """
@@ -37,11 +38,7 @@ __all__ = [
     "OFFLINE_TASKS",
     "TASKS_DIR",
     "EvaluationResult",
-    "cli_erank",
-    "cli_eval",
     "compare_erank",
-    "erank_parser",
-    "eval_parser",
     "eval_results_from_lm_eval",
     "evaluate_compressed",
     "export_tasks",

@@ -384,7 +384,8 @@ def hidden_state_logit_loss(student_hidden: torch.Tensor, student_head: torch.Te
         sums: (3,) float32 [kd_sum, ce_sum, teacher_ce_sum], detached.
     """
     if student_head.shape[0] != teacher_head.shape[0]:
-        raise ValueError(f"Student and teacher vocabularies differ ({student_head.shape[0]} vs {teacher_head.shape[0]}).")
+        raise ValueError("Student and teacher vocabularies differ "
+                         f"({student_head.shape[0]} vs {teacher_head.shape[0]}).")
     options = dict(beta=beta, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
                    chunk_size=chunk_size, workspace=workspace or LogitLossWorkspace(), softcap=softcap,
                    teacher_softcap=teacher_softcap)

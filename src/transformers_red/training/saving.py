@@ -357,7 +357,8 @@ class RedSavingMixin:
         """Restore the adapter state, or with train="weights" the student's weights (optimizer, scheduler and RNG
         are restored by Trainer), and RED's run state."""
         self._restore_run_state(resume_from_checkpoint)
-        weights = os.path.join(resume_from_checkpoint, STUDENT_WEIGHTS_NAME if self._trains_weights else ADAPTER_WEIGHTS_NAME)
+        weights = os.path.join(resume_from_checkpoint,
+                               STUDENT_WEIGHTS_NAME if self._trains_weights else ADAPTER_WEIGHTS_NAME)
         if self._trains_weights and self.is_fsdp_enabled:
             self._load_full_student_state(resume_from_checkpoint)
         elif self._trains_weights:

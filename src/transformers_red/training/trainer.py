@@ -133,9 +133,9 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
                          processing_class=processing_class, callbacks=callbacks, **kwargs)
         self.model_accepts_loss_kwargs = True  # so Trainer counts num_items_in_batch for our loss
         if args.logit_loss_from == "hidden_states" and teacher_model is not None and self._uses_sharding_engine:
-            raise ValueError("logit_loss_from='hidden_states' with a separate teacher_model reads that teacher's LM-head "
-                             "weight outside its forward, which DeepSpeed ZeRO-3 / FSDP have partitioned: use 'logits', "
-                             "or let the teacher pass run on the RedModel itself (no teacher_model).")
+            raise ValueError("logit_loss_from='hidden_states' with a separate teacher_model reads that teacher's "
+                             "LM-head weight outside its forward, which DeepSpeed ZeRO-3 / FSDP have partitioned: use "
+                             "'logits', or let the teacher pass run on the RedModel itself (no teacher_model).")
         if args.logit_loss_from == "hidden_states" and self._trains_weights and self.accelerator.num_processes > 1:
             raise ValueError("logit_loss_from='hidden_states' with train='weights' runs the plain student's decoder "
                              "past the DDP/FSDP wrapper (no gradient sync): use 'logits' with several processes.")
@@ -320,7 +320,8 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
         inner = self.accelerator.unwrap_model(model)
         hf_model = inner.base_model if isinstance(inner, RedModel) else inner
         head = hf_model.get_output_embeddings()
-        if getattr(head, "bias", None) is not None or getattr(getattr(head, "base_layer", None), "bias", None) is not None:
+        base_head = getattr(head, "base_layer", None)
+        if getattr(head, "bias", None) is not None or getattr(base_head, "bias", None) is not None:
             raise ValueError("logit_loss_from='hidden_states' needs an LM head without a bias; use 'logits'.")
         softcap = getattr(hf_model.config, "final_logit_softcapping", None)
         if isinstance(inner, RedModel):  # through the DDP/FSDP/DeepSpeed wrapper, so its hooks run
