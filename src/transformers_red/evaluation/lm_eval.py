@@ -155,7 +155,7 @@ class EvaluationResult:
         return out
 
     def card_results(self) -> list[dict[str, Any]]:
-        """The eval results as dicts {task, metric, value, ...}: the format of `push --eval-results` files."""
+        """The eval results as dicts {task, metric, value, ...}: the format of `push --eval_results` files."""
         rows = []
         for r in self.eval_results:
             row = {"task": r.task_name, "metric": r.metric_type, "value": r.metric_value, "name": r.metric_name,
