@@ -140,49 +140,36 @@ def prose_spans(path: pathlib.Path) -> list[Span]:
     return spans
 
 
+def _unquoted(text: str):
+    """(index, character, bracket depth after it) of each character of `text` outside quotes."""
+    depth, quote = 0, None
+    for i, ch in enumerate(text):
+        if quote or ch in "'\"":
+            quote = None if ch == quote else (quote or ch)
+            continue
+        depth += (ch in "([{") - (ch in ")]}")
+        yield i, ch, depth
+
+
 def parse_signature(text: str) -> tuple[str, str] | None:
     """`name(params) -> result` -> (name, params); None when the span is not a call-shaped name."""
     m = re.match(r"[A-Za-z_][\w.]*\(", text)
     if not m:
         return None
-    depth, quote = 0, None
-    for i in range(m.end() - 1, len(text)):
-        ch = text[i]
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-            if depth == 0:
-                rest = text[i + 1:].strip()
-                if rest and not rest.startswith("->"):
-                    return None  # `red.unload().save_pretrained`: a chain, not a signature
-                return text[: m.end() - 1], text[m.end(): i]
+    opening = m.end() - 1
+    for i, ch, depth in _unquoted(text[opening:]):
+        if depth == 0:
+            rest = text[opening + i + 1:].strip()
+            if rest and not rest.startswith("->"):
+                return None  # `red.unload().save_pretrained`: a chain, not a signature
+            return text[:opening], text[opening + 1: opening + i]
     return None
 
 
 def _split_top_level(params: str) -> list[str]:
-    items, depth, quote, current = [], 0, None, ""
-    for ch in params:
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            items.append(current.strip())
-            current = ""
-            continue
-        current += ch
-    if current.strip():
-        items.append(current.strip())
-    return items
+    cuts = [i for i, ch, depth in _unquoted(params) if ch == "," and depth == 0]
+    pieces = [params[a + 1: b] for a, b in zip([-1, *cuts], [*cuts, len(params)])]
+    return [p.strip() for p in pieces if p.strip()]
 
 
 def real_parameters(obj: object) -> tuple[list[str], dict[str, object]]:
