@@ -1,5 +1,5 @@
 """Checkpoints (training/checkpoints.py): counters restored on resume, another run's checkpoint refused with what
-differs, damaged checkpoints skipped or named (reliability probe §2, §6, §11)."""
+differs, damaged checkpoints skipped or named."""
 
 import json
 import logging

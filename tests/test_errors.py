@@ -78,7 +78,7 @@ def test_wrapping_twice_is_refused(texts, tokenizer):
         get_red_model(red, RedAdapterConfig(width_ratio=0.5), texts, tokenizer)
 
 
-# ------------------------------------------------------------------------- early, named input errors (probe §13, §14)
+# ------------------------------------------------------------------------- early, named input errors
 def test_tokenizer_longer_than_the_vocabulary_is_refused_before_calibration(texts):
     from transformers_red.resources import byte_tokenizer
 

@@ -335,7 +335,7 @@ def test_push_command(hub, student_folder, tmp_path, monkeypatch, capsys):
     card_results = [{"task": "arc_easy", "metric": "acc", "value": 0.4}]
     results.write_text(json.dumps({"table": "", "eval_results": card_results}))
     assert push_command.main([str(student_folder), REPO, "--dry-run", "--teacher", SMOLLM2,
-                              "--eval-results", str(results)]) == 0  # dashed flags of 0.1 still work
+                              "--eval-results", str(results)]) == 0  # dashed spellings still work
     printed = capsys.readouterr().out
     assert "red:" in printed and "arc_easy" in printed and hub.requests == []
     monkeypatch.setenv("HF_TOKEN", TOKEN)  # how the CLI gets a token: never a flag
@@ -370,7 +370,7 @@ def test_fake_hub_speaks_the_client_protocol(hub):
     assert hub.unknown == []
 
 
-# ----------------------------------------------------------------------- what a push uploads (issue: probe §1, §10)
+# ----------------------------------------------------------------------- what a push uploads
 def leaky_folder(student_folder, tmp_path):
     folder = tmp_path / "leaky"
     shutil.copytree(student_folder, folder)
@@ -438,7 +438,7 @@ def test_push_refuses_a_plain_model_folder_unless_allowed(hub, tmp_path):
 
 
 def test_push_to_a_silent_endpoint_fails_instead_of_hanging(student_folder, monkeypatch, tmp_path, capsys):
-    """An endpoint that accepts connections and never answers (probe §18): the CLI's timeout ends the push."""
+    """An endpoint that accepts connections and never answers: the CLI's timeout ends the push."""
     import socket
     import threading
     import time

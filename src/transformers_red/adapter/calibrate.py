@@ -1,6 +1,6 @@
 """Step 1 of the pipeline: calibrate. Run the frozen teacher over a few texts and score residual channels.
 
-RED's score of channel j (method.md section 4): for each hidden state l (embedding output and every decoder
+RED's score of channel j (docs/method.md section 4): for each hidden state l (embedding output and every decoder
 layer, as `output_hidden_states` gives them) and each sequence n, the mean over valid tokens of
 |h[l, n, t, j]|; then the L2 norm over sequences; then the mean over layers. Accumulated in float64 with
 O((L + 1) x d_T) memory whatever the token count; padding never counts.

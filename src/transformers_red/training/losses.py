@@ -1,4 +1,4 @@
-"""Step 3 of the pipeline (part): the distillation losses (method.md section 2), per token.
+"""Step 3 of the pipeline (part): the distillation losses (docs/method.md section 2), per token.
 
 Every term is a *sum over trained tokens*; the trainer divides by `num_items_in_batch` (the number of trained
 tokens in the whole accumulated batch), so gradient accumulation gives exactly the full-batch gradient.
