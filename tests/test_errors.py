@@ -121,3 +121,21 @@ def test_a_dataset_row_without_text_is_named():
 
     with pytest.raises(TypeError, match="Row 1 of the 'text' column is None"):
         select_texts(datasets.Dataset.from_dict({"text": ["a", None, "b"]}), None)
+
+
+def test_library_errors_name_python_arguments_and_the_cli_names_its_flags(tmp_path, capsys):
+    """A Python caller is told about the argument it passed, a command-line user about the flag."""
+    from transformers_red.commands import main
+    from transformers_red.demo.run import run_demo
+    from transformers_red.evaluation.lm_eval import load_texts
+
+    missing = str(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match=r"run_demo\(teacher_dir=.*nothing'\): not a folder") as err:
+        run_demo(teacher_dir=missing, output_dir=str(tmp_path / "out"))
+    assert "--" not in str(err.value) and not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match="Text source .* is neither a file") as err:
+        load_texts(missing)
+    assert "--" not in str(err.value)
+    with pytest.raises(SystemExit):
+        main(["demo", "--teacher", missing])
+    assert f"error: --teacher {missing} is not a folder" in capsys.readouterr().err

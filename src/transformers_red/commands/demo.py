@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 from ..demo.run import VARIANTS, format_demo, run_demo
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(normalise_flags(argv))
+    if args.teacher is not None and not os.path.isdir(args.teacher):  # named as the flag, not as run_demo's argument
+        raise SystemExit(f"error: --teacher {args.teacher} is not a folder.")
     if args.threads > 0:
         import torch
 

@@ -117,7 +117,7 @@ def run_demo(*, teacher_dir: str | None = None, data: str | None = None, output_
 
     RedAdapterConfig(width_ratio=width_ratio)  # a bad width fails before any folder is made
     if teacher_dir is not None and not os.path.isdir(teacher_dir):
-        raise FileNotFoundError(f"--teacher {teacher_dir} is not a folder.")
+        raise FileNotFoundError(f"run_demo(teacher_dir={teacher_dir!r}): not a folder.")
     output_dir = output_dir or time.strftime("red-demo-%Y%m%d-%H%M%S")
     os.makedirs(output_dir, exist_ok=True)
     teacher, tokenizer = load_reasoning_teacher(teacher_dir)

@@ -380,7 +380,7 @@ def load_texts(source: str, n: int | None = None) -> list[str]:
         texts = reasoning_texts(n or 64)
     else:
         if not pathlib.Path(source).is_file():
-            raise FileNotFoundError(f"--text: {source!r} is neither a file nor 'builtin' / 'reasoning'.")
+            raise FileNotFoundError(f"Text source {source!r} is neither a file nor 'builtin' / 'reasoning'.")
         texts = read_paragraphs(source)
     return texts[:n] if n is not None else texts
 
