@@ -69,8 +69,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (GIB, environment_line, make_plain_step, make_trainer_step, peak_memory,  # noqa: E402
-                     tensor_bytes, timed)
+from _common import GIB, environment_line, make_plain_step, make_trainer_step, peak_memory, tensor_bytes, timed  # noqa: E402
 
 TARGET_RATIO = 0.58  # RED tokens/s >= 0.58 x plain training of the same-size student
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -278,9 +277,9 @@ def markdown(report: dict) -> str:
             f"{r['plain']['mfu']:.3f} | {_gib(r['red']['peak_bytes'])} | {_gib(r['plain']['peak_bytes'])} | "
             f"{est_total} | {'-' if over is None else f'{over:.2f}'} |")
     lines += ["", "Model FLOPs per token: plain 6 N_S, RED 6 N_S + 2 N_T (N: parameters counted once; attention's "
-              "T^2 terms, weight forming and the clone loss not counted). Peak memory: torch.cuda.max_memory_allocated "
-              "over one step, resident weights and optimizer state included (CPU: resident set at the start plus the "
-              "peak above it). Out-of-memory attempts: " +
+              "T^2 terms, weight forming and the clone loss not counted). Peak memory: "
+              "torch.cuda.max_memory_allocated over one step, resident weights and optimizer state included (CPU: "
+              "resident set at the start plus the peak above it). Out-of-memory attempts: " +
               ("; ".join(f"{r['shape']} at B={a['batch_size']}" for r in report["shapes"].values()
                          for a in r["oom_attempts"]) or "none") + "."]
     return "\n".join(lines) + "\n"

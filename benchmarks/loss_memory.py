@@ -50,14 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(measure(args.one[0], args.batch, int(args.one[1]), args.vocab, args.width, args.chunk)))
         return 0
-    print(f"| loss from | B x T | one (B, T, V) float32 tensor (MB) | extra peak RSS (MB) |\n|---|---|---|---|")
+    print("| loss from | B x T | one (B, T, V) float32 tensor (MB) | extra peak RSS (MB) |\n|---|---|---|---|")
     for length in args.lengths:
         for mode in ("logits", "hidden_states"):
             out = subprocess.run([sys.executable, __file__, "--one", mode, str(length), "--batch", str(args.batch),
                                   "--vocab", str(args.vocab), "--width", str(args.width), "--chunk", str(args.chunk)],
                                  capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"| {mode} | {args.batch} x {length} | {r['logits_mb']:.0f} | {r['extra_peak_mb']:.0f} |", flush=True)
+            print(f"| {mode} | {args.batch} x {length} | {r['logits_mb']:.0f} | {r['extra_peak_mb']:.0f} |",
+                  flush=True)
     return 0
 
 

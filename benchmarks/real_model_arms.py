@@ -40,10 +40,10 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from transformers_red import RedConfig, RedDistillationTrainer  # noqa: E402
+from transformers_red.demo.chain_task import greedy_generate  # noqa: E402
 from transformers_red.evaluation.erank import layerwise_effective_rank  # noqa: E402
 from transformers_red.evaluation.perplexity import perplexity  # noqa: E402
 from transformers_red.records import update_marked_section  # noqa: E402
-from transformers_red.demo.chain_task import greedy_generate  # noqa: E402
 
 ARMS = {
     "red": ("RED, defaults", {}),
@@ -118,8 +118,9 @@ def run_arm(arm: str, load_teacher, train: list[str], measure, args: argparse.Na
     teacher, tokenizer = load_teacher()
     callback = Measurements(measure, args.eval_every, set(args.match_steps))
     with tempfile.TemporaryDirectory() as tmp:
-        config = RedConfig(keep_freed_cpu_memory=True, output_dir=tmp, width_ratio=args.width_ratio, max_steps=args.steps,
-                           per_device_train_batch_size=args.batch_size, max_length=args.max_length,
+        config = RedConfig(keep_freed_cpu_memory=True, output_dir=tmp, width_ratio=args.width_ratio,
+                           max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+                           max_length=args.max_length,
                            learning_rate=args.learning_rate, warmup_steps=max(1, args.steps // 100),
                            logging_steps=max(1, args.steps // 30), seed=args.seed, report_to=[],
                            save_strategy="no", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
@@ -177,7 +178,8 @@ def format_tables(report: dict) -> str:
         lines = [f"At equal steps ({step}):", "", header, row("teacher", teacher)]
         lines += [row(run["label"], r) for run in runs.values() if (r := record_at(run, step=step))]
         parts.append("\n".join(lines))
-    finished = [run for run in runs.values() if run["records"] and run["records"][-1]["step"] == report["settings"]["steps"]]
+    last_step = report["settings"]["steps"]
+    finished = [run for run in runs.values() if run["records"] and run["records"][-1]["step"] == last_step]
     if finished:
         budget = min(run["records"][-1]["train_seconds"] for run in finished)
         lines = [f"At equal training time ({budget:.0f} s, the fastest arm's {report['settings']['steps']} steps; "
@@ -254,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     measure = make_measure(tokenizer, held_out, unseen, args)
     report = {"settings": vars(args), "device": "cuda" if torch.cuda.is_available() else "cpu",
               "threads": torch.get_num_threads(), "teacher": measure(teacher, with_match=True), "arms": {},
-              "command": "python benchmarks/real_model_arms.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+              "command": "python benchmarks/real_model_arms.py "
+                         + " ".join(argv if argv is not None else sys.argv[1:])}
     del teacher
     for arm in args.arms:
         print(f"== {arm}: {ARMS[arm][0]}", flush=True)
@@ -275,7 +278,8 @@ def write_outputs(report: dict, output_dir: str, update_doc: str | None) -> None
     plot(report, os.path.join(output_dir, "perplexity.png"))
     print(text)
     if update_doc:
-        image = os.path.relpath(os.path.join(output_dir, "perplexity.png"), os.path.dirname(os.path.abspath(update_doc)))
+        image = os.path.relpath(os.path.join(output_dir, "perplexity.png"),
+                                os.path.dirname(os.path.abspath(update_doc)))
         update_marked_section(update_doc, "real_model_arms",
                               f"```bash\n{report['command']}\n```\n\n{text}\n\n![perplexity over steps]({image})")
 

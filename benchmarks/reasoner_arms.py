@@ -162,12 +162,14 @@ def run_arm(arm: str, train, measure, args) -> dict:
             projections = RedDistillationTrainer(model=teacher, args=_config(args, tmp, half), train_dataset=train,
                                                  processing_class=tokenizer, callbacks=[first])
             first.trainer = projections
-            records = [{"step": 0, "train_seconds": 0.0, **measure(projections.merged_student())}] if 0 in steps else []
+            records = []
+            if 0 in steps:
+                records = [{"step": 0, "train_seconds": 0.0, **measure(projections.merged_student())}]
             projections.train()
             second = Measurements(measure, steps, offset=half, seconds=first.train_seconds)
-            weights = RedDistillationTrainer(model=projections.red_model, train_dataset=train, processing_class=tokenizer,
-                                             args=_config(args, tmp, args.steps - half, train="weights"),
-                                             callbacks=[second])
+            weights = RedDistillationTrainer(model=projections.red_model, train_dataset=train,
+                                             processing_class=tokenizer, callbacks=[second],
+                                             args=_config(args, tmp, args.steps - half, train="weights"))
             second.trainer = weights
             weights.train()
             records += first.records + second.records

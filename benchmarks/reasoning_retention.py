@@ -123,7 +123,8 @@ def best_alarms(runs: list[dict]) -> list[dict]:
 
 def format_alarms(runs: list[dict], current: float) -> str:
     rows = [alarm_separation(runs, "mean", current), *best_alarms(runs)]
-    lines = ["| signal | alarm below | lost & fired | kept & fired | lost & silent | kept & silent | balanced accuracy |",
+    lines = ["| signal | alarm below | lost & fired | kept & fired | lost & silent | kept & silent "
+             "| balanced accuracy |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['signal']} eRank / teacher | {r['threshold']:.2f} | {r['tp']} | {r['fp']} | {r['fn']} | "

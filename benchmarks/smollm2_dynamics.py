@@ -77,8 +77,9 @@ def run(init: str, lr: float, clone: str, load_teacher, train, held_out, args) -
     teacher, tokenizer = load_teacher()
     spectra = SpectraCallback(watched_modules(teacher.config.num_hidden_layers), args.every)
     with tempfile.TemporaryDirectory() as tmp:
-        config = RedConfig(keep_freed_cpu_memory=True, output_dir=tmp, init=init, width_ratio=args.width_ratio, max_steps=args.steps,
-                           per_device_train_batch_size=args.batch_size, max_length=args.max_length,
+        config = RedConfig(keep_freed_cpu_memory=True, output_dir=tmp, init=init, width_ratio=args.width_ratio,
+                           max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+                           max_length=args.max_length,
                            learning_rate=lr, warmup_steps=max(1, args.steps // 100), logging_steps=args.every,
                            erank_steps=args.every, erank_num_samples=args.erank_texts, seed=args.seed,
                            report_to=[], save_strategy="no", disable_tqdm=True,
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {init} lr {lr:g} clone {clone}", flush=True)
         runs.append(run(init, lr, clone, load_teacher, train, held_out, args))
         report = {"settings": vars(args), "runs": runs,
-                  "command": "python benchmarks/smollm2_dynamics.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+                  "command": "python benchmarks/smollm2_dynamics.py "
+                             + " ".join(argv if argv is not None else sys.argv[1:])}
         with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:
             json.dump(report, f)
         with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as f:

@@ -86,8 +86,17 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (GIB, environment_line, make_plain_step, make_trainer_step, peak_memory,  # noqa: E402
-                     peak_rss_gib, set_allocator_returns_memory, tensor_bytes, timed)
+from _common import (  # noqa: E402
+    GIB,
+    environment_line,
+    make_plain_step,
+    make_trainer_step,
+    peak_memory,
+    peak_rss_gib,
+    set_allocator_returns_memory,
+    tensor_bytes,
+    timed,
+)
 
 ALL_PHASES = ("a", "b", "w", "c", "h", "f", "g")
 TARGET = 1.15  # the bound on (c) / ((a) + (b) + (w)) for SmolLM2 on CPU
@@ -404,18 +413,18 @@ def run_model(name: str, args) -> dict:
     out_dir = tempfile.mkdtemp(prefix="red_bench_")
     dataset = datasets.Dataset.from_dict({"text": builtin_texts(64)})
 
-    def red_trainer(**overrides):
+    def red_trainer(model, **overrides):
         config = RedConfig(output_dir=out_dir, per_device_train_batch_size=args.batch_size, max_length=args.seq_len,
                            max_steps=10**6, report_to=[], use_cpu=args.device == "cpu", save_strategy="no",
                            logging_steps=10**6, disable_tqdm=True, bf16=False, seed=0,
                            keep_freed_cpu_memory=not args.return_freed_memory,
                            gradient_accumulation_steps=args.grad_accum,
                            **{"form_student_weights": args.form_student_weights, **overrides})
-        trainer = RedDistillationTrainer(model=red, args=config, train_dataset=dataset, processing_class=tokenizer)
+        trainer = RedDistillationTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
         trainer.create_optimizer()
         return trainer
 
-    trainer = red_trainer()
+    trainer = red_trainer(red)
     wanted = set(args.phases)
     phases = {}  # in the order of ALL_PHASES
     if "a" in wanted:
@@ -430,11 +439,11 @@ def run_model(name: str, args) -> dict:
         phases["c"] = step_c
     trainer_h = gkd = None
     if "h" in wanted:
-        trainer_h = red_trainer(logit_loss_from="hidden_states")
+        trainer_h = red_trainer(red, logit_loss_from="hidden_states")
         phases["h"], _ = make_trainer_step(trainer_h, batch, args.grad_accum)
     trainer_f = None
     if "f" in wanted:
-        trainer_f = red_trainer(form_student_weights="per_forward")
+        trainer_f = red_trainer(red, form_student_weights="per_forward")
         phases["f"], _ = make_trainer_step(trainer_f, batch, args.grad_accum)
     if "g" in wanted:
         gkd_student = red.merge_and_unload().to(device)
@@ -488,8 +497,8 @@ def run_model(name: str, args) -> dict:
               "min": {k: min(v) for k, v in times.items()},
               "cpu": {k: statistics.median(v) for k, v in cpu.items()},
               "memory": memory, "times": times,
-              "tokens": args.batch_size * args.seq_len * args.grad_accum, "grad_accum": args.grad_accum, "rss": peak_rss_gib(),
-              "load": (load0[0], load1[0])}
+              "tokens": args.batch_size * args.seq_len * args.grad_accum, "grad_accum": args.grad_accum,
+              "rss": peak_rss_gib(), "load": (load0[0], load1[0])}
 
     if args.breakdown:
         print(f"  breakdown of (c) and reference timings, {args.breakdown_rounds} rounds ...", flush=True)
@@ -576,8 +585,8 @@ def print_results(results: list[dict], args) -> None:
                           f"{_ratio(res['cpu'], key, 'g'):.3f} (median CPU): {verdict}")
 
     if any(res["memory"] for res in results):
-        print(f"\n=== Memory per step, GiB: transient peak above the phase's start / resident state kept between "
-              f"steps / sum ===")
+        print("\n=== Memory per step, GiB: transient peak above the phase's start / resident state kept between "
+              "steps / sum ===")
     for res in results:
         if res["memory"]:
             print(f"{res['model']}:")

@@ -32,8 +32,8 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 
 from transformers_red import RedConfig, RedDistillationTrainer  # noqa: E402
-from transformers_red.evaluation.perplexity import perplexity  # noqa: E402
 from transformers_red.evaluation.lm_eval import compare_erank, evaluate_compressed, format_erank_table  # noqa: E402
+from transformers_red.evaluation.perplexity import perplexity  # noqa: E402
 from transformers_red.records import update_marked_section  # noqa: E402
 from transformers_red.resources import builtin_texts, load_smollm2, reasoning_texts  # noqa: E402
 
@@ -53,8 +53,9 @@ def build_texts(train_samples: int, seed: int) -> tuple[list[str], dict[str, lis
 def distil(init: str, train: list[str], args: argparse.Namespace, device: str) -> dict:
     teacher, tokenizer = load_smollm2()
     with tempfile.TemporaryDirectory() as tmp:
-        config = RedConfig(keep_freed_cpu_memory=True, output_dir=tmp, init=init, width_ratio=args.width_ratio, temperature=args.temperature,
-                           clone_weight=args.clone_weight, clone_output_space=args.clone_output_space,
+        config = RedConfig(keep_freed_cpu_memory=True, output_dir=tmp, init=init, width_ratio=args.width_ratio,
+                           temperature=args.temperature, clone_weight=args.clone_weight,
+                           clone_output_space=args.clone_output_space,
                            clone_normalization=args.clone_normalization,
                            max_steps=args.steps,
                            per_device_train_batch_size=args.batch_size,
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clone-weight", type=float, default=0.2, help="alpha of the activation clone MSE")
     parser.add_argument("--clone-output-space", default="student", choices=["student", "teacher"],
                         help="where attn/ffn outputs are compared (RedConfig.clone_output_space)")
-    parser.add_argument("--clone-normalization", default="teacher_mean_square", choices=["teacher_mean_square", "none"],
+    parser.add_argument("--clone-normalization", default="teacher_mean_square",
+                        choices=["teacher_mean_square", "none"],
                         help="RedConfig.clone_normalization ('none': the paper's plain MSE)")
     parser.add_argument("--train-samples", type=int, default=1024)
     parser.add_argument("--calibration-samples", type=int, default=64)

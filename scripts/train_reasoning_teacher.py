@@ -37,7 +37,6 @@ import transformers  # noqa: E402
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from transformers_red.demo.chain_task import (  # noqa: E402
-    weights_digest,
     DISTRACTORS,
     MAX_VALUE,
     RATIONALE,
@@ -47,6 +46,7 @@ from transformers_red.demo.chain_task import (  # noqa: E402
     format_example,
     generate_mixed_problems,
     generate_problems,
+    weights_digest,
 )
 
 DEFAULT_OUTPUT = REPO / "src" / "transformers_red" / "demo" / "reasoning_teacher"

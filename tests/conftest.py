@@ -15,10 +15,10 @@ atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from testing_utils import ARCH_IDS, ARCHITECTURES  # noqa: E402
 
 from transformers_red.resources import builtin_texts, byte_tokenizer, tiny_teacher  # noqa: E402
+
 
 @pytest.fixture(params=ARCHITECTURES, ids=ARCH_IDS)
 def arch(request):

@@ -101,11 +101,11 @@ def main() -> None:
         use_cpu = False
         stage = int(args.engine[-1])
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        zero3_extra = ({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": True}
+                       if stage == 3 else {})
         extra = dict(deepspeed={"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": args.grad_accum,
                                 "train_batch_size": 2 * args.grad_accum * world, "gradient_clipping": "auto",
-                                "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0,
-                                                                          "stage3_gather_16bit_weights_on_model_save": True}
-                                                                         if stage == 3 else {})}})
+                                "zero_optimization": {"stage": stage, **zero3_extra}})
     config = RedConfig(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=2,
                        gradient_accumulation_steps=args.grad_accum, max_length=32, logging_steps=1, report_to=[],
                        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,

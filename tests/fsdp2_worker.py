@@ -24,8 +24,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from testing_utils import (SHARDING_BATCH, distillation_loss, make_teacher, sharding_adapter_config,  # noqa: E402
-                           trainable_gradients)
+from testing_utils import SHARDING_BATCH, distillation_loss, make_teacher, sharding_adapter_config, trainable_gradients  # noqa: E402
 
 from transformers_red import get_red_model  # noqa: E402
 from transformers_red.training.distributed import whole_parameters  # noqa: E402

@@ -2,8 +2,13 @@
 
 import pytest
 import torch
-from testing_utils import (LINEARS_PER_LAYER, NORMS_PER_LAYER, SHARED_LINEARS_PER_LAYER, hard_pruned_teacher,
-                           make_teacher)
+from testing_utils import (
+    LINEARS_PER_LAYER,
+    NORMS_PER_LAYER,
+    SHARED_LINEARS_PER_LAYER,
+    hard_pruned_teacher,
+    make_teacher,
+)
 from transformers import AutoModelForCausalLM
 
 from transformers_red import RedAdapterConfig, RedModel, get_red_model, projection_spectra

@@ -1,4 +1,5 @@
-"""The benchmarks behind docs/results.md run end to end at tiny sizes (CPU smoke runs; the benchmarks are not tests)."""
+"""The benchmarks behind docs/results.md run end to end at tiny sizes (CPU smoke runs; the benchmarks are not
+tests)."""
 
 import importlib.util
 import json
@@ -157,9 +158,9 @@ def test_reasoner_arms_benchmark_smoke_every_arm_resumes_and_rerenders(tmp_path)
     skips measured arms, other settings are refused, and --from_json re-renders the doc section."""
     bench = load_benchmark("reasoner_arms")
     out = tmp_path / "arms"
-    common = ["--teacher", "tiny", "--steps", "2", "--measure_steps", "0", "2", "--problems_per_k", "1", "--max_k", "2",
-              "--train_samples", "16", "--generic_texts", "2", "--erank_texts", "2", "--max_length", "400",
-              "--output_dir", str(out)]
+    common = ["--teacher", "tiny", "--steps", "2", "--measure_steps", "0", "2", "--problems_per_k", "1",
+              "--max_k", "2", "--train_samples", "16", "--generic_texts", "2", "--erank_texts", "2",
+              "--max_length", "400", "--output_dir", str(out)]
     bench.main([*common, "--arms", *bench.ARMS])
     report = json.loads((out / "width_0.5" / "results.json").read_text())
     assert list(report["arms"]) == list(bench.ARMS)

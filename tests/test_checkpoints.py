@@ -1,17 +1,17 @@
 """Checkpoints (training/checkpoints.py): counters restored on resume, another run's checkpoint refused with what
-differs, damaged checkpoints skipped or named (reliability probe §2, §6, §11)."""
+differs, damaged checkpoints skipped or named."""
 
 import json
 import logging
 import os
 
 import datasets
-import torch
 import pytest
+import torch
 from testing_utils import make_red_trainer
 
-from transformers_red.resources import builtin_texts, tiny_teacher
 from transformers_red.adapter.config import teacher_weights_digest
+from transformers_red.resources import builtin_texts, tiny_teacher
 from transformers_red.training.checkpoints import RUN_STATE_NAME, last_complete_checkpoint
 
 SAVE = dict(save_strategy="steps", save_steps=2, max_steps=4)
@@ -65,7 +65,8 @@ def test_resume_with_another_teacher_of_the_same_config_is_refused(tmp_path, tex
     other = make_red_trainer(tmp_path, texts, tokenizer, tiny_teacher("llama", seed=2), **settings)
     with pytest.raises(ValueError, match="teacher_weights_digest"):
         other.train(resume_from_checkpoint=True)
-    assert teacher_weights_digest(tiny_teacher("llama", seed=1)) == teacher_weights_digest(tiny_teacher("llama", seed=1))
+    first, second = tiny_teacher("llama", seed=1), tiny_teacher("llama", seed=1)
+    assert teacher_weights_digest(first) == teacher_weights_digest(second)
 
 
 @pytest.mark.parametrize("damage", ["truncate_weights", "garbage_config", "no_optimizer", "no_trainer_state",

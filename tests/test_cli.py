@@ -15,8 +15,8 @@ def test_inspect_default_prints_and_writes_json(tmp_path, capsys):
     assert main(["inspect", "--quiet", "--eval-texts", "4", "--calibration-samples", "4", "--max-length", "64",
                  "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    for needle in ("Teacher: LlamaForCausalLM", "trainable parameters", "Per-layer eRank", "Selected channels: 32 of 64",
-                   "activation   29 projections, singular values 1.000 .. 1.000"):
+    for needle in ("Teacher: LlamaForCausalLM", "trainable parameters", "Per-layer eRank",
+                   "Selected channels: 32 of 64", "activation   29 projections, singular values 1.000 .. 1.000"):
         assert needle in printed
     report = json.loads(out.read_text())
     assert set(report["students"]) == {"activation", "random"}

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from transformers_red import RedConfig, RedDistillationTrainer
-from transformers_red.training.clone import CloneLoss
 from transformers_red.adapter.layer import RedLayer
 from transformers_red.resources import builtin_texts
+from transformers_red.training.clone import CloneLoss
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,9 @@ def test_clone_normalisers_are_the_teacher_targets_mean_squares(tmp_path, train_
     reference = trained_teacher().eval()
     channels = trainer.red_model.channel_indices
     outputs = {}
-    hooks = [reference.get_submodule(n).register_forward_hook(lambda _m, _i, out, n=n: outputs.setdefault(n, []).append(
-        out[0])) for n in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")]
+    hooks = [reference.get_submodule(n).register_forward_hook(
+        lambda _m, _i, out, n=n: outputs.setdefault(n, []).append(out[0]))
+        for n in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")]
     with torch.no_grad():
         for text in builtin_texts(64)[:8]:  # calibration: the first 8 texts, one at a time (no padding)
             reference(input_ids=tokenizer(text, return_tensors="pt").input_ids)
@@ -120,7 +121,8 @@ def test_hybrid_projections_then_weights_continues_from_the_trained_projections(
         torch.testing.assert_close(second.model(input_ids).logits, after_projections, rtol=0, atol=1e-5)
     second.train()
     second.save_model()
-    assert json.loads((tmp_path / "weights" / "out" / "red_summary.json").read_text())["distillation"]["train"] == "weights"
+    summary = json.loads((tmp_path / "weights" / "out" / "red_summary.json").read_text())
+    assert summary["distillation"]["train"] == "weights"
 
 
 def test_clone_in_the_teacher_space_trains(tmp_path, train_texts, tokenizer, trained_teacher):

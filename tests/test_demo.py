@@ -69,7 +69,8 @@ def test_demo_distils_generated_problems_on_their_completions_only(tmp_path, mon
     assert [a + b for a, b in zip(columns["prompt"], columns["completion"])] == [p.text for p in problems]
     seen = []
     real = demo.distil_variant
-    monkeypatch.setattr(demo, "distil_variant", lambda variant, **kw: seen.append(kw["train_data"]) or real(variant, **kw))
+    monkeypatch.setattr(demo, "distil_variant",
+                        lambda variant, **kw: seen.append(kw["train_data"]) or real(variant, **kw))
     run_demo(output_dir=str(tmp_path), steps=1, eval_per_hop=1, train_samples=16, batch_size=8, variants=("red",),
              plots=False, show_progress=False)
     assert set(seen[0]) == {"prompt", "completion"} and len(seen[0]["prompt"]) == 16

@@ -253,7 +253,8 @@ def test_trainer_under_deepspeed_on_two_processes_equals_one_process(ddp_runs, t
 
 @pytest.fixture(scope="module")
 def weights_one_process(tmp_path_factory):
-    """train="weights" (the pruned baseline: a plain student trained on its own weights), 1 process x accumulation 2."""
+    """train="weights" (the pruned baseline: a plain student trained on its own weights), 1 process x accumulation
+    2."""
     return _run("distributed_worker.py", tmp_path_factory.mktemp("weights"), "--train", "weights", "--grad_accum", "2")
 
 

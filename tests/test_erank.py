@@ -1,4 +1,5 @@
-"""Effective rank as method.md defines it: centre columns, unit rows, normalised spectrum, exp(entropy)."""
+"""Effective rank as docs/method.md section 3 defines it: centre columns, unit rows, normalised spectrum,
+exp(entropy)."""
 
 import math
 

@@ -42,7 +42,8 @@ def test_bad_width_and_init(teacher, texts, tokenizer, kwargs, match):
 
 def test_unsupported_model_type_names_supported_ones():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
-    with pytest.raises(ValueError, match="gpt2.*supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3.*architectures.py"):
+    supported = "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3"
+    with pytest.raises(ValueError, match=f"gpt2.*supported: {supported}.*architectures.py"):
         get_red_model(gpt2, RedAdapterConfig(width_ratio=0.5), ["text"])
 
 
@@ -77,7 +78,7 @@ def test_wrapping_twice_is_refused(texts, tokenizer):
         get_red_model(red, RedAdapterConfig(width_ratio=0.5), texts, tokenizer)
 
 
-# ------------------------------------------------------------------------- early, named input errors (probe §13, §14)
+# ------------------------------------------------------------------------- early, named input errors
 def test_tokenizer_longer_than_the_vocabulary_is_refused_before_calibration(texts):
     from transformers_red.resources import byte_tokenizer
 
@@ -120,3 +121,21 @@ def test_a_dataset_row_without_text_is_named():
 
     with pytest.raises(TypeError, match="Row 1 of the 'text' column is None"):
         select_texts(datasets.Dataset.from_dict({"text": ["a", None, "b"]}), None)
+
+
+def test_library_errors_name_python_arguments_and_the_cli_names_its_flags(tmp_path, capsys):
+    """A Python caller is told about the argument it passed, a command-line user about the flag."""
+    from transformers_red.commands import main
+    from transformers_red.demo.run import run_demo
+    from transformers_red.evaluation.lm_eval import load_texts
+
+    missing = str(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match=r"run_demo\(teacher_dir=.*nothing'\): not a folder") as err:
+        run_demo(teacher_dir=missing, output_dir=str(tmp_path / "out"))
+    assert "--" not in str(err.value) and not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match="Text source .* is neither a file") as err:
+        load_texts(missing)
+    assert "--" not in str(err.value)
+    with pytest.raises(SystemExit):
+        main(["demo", "--teacher", missing])
+    assert f"error: --teacher {missing} is not a folder" in capsys.readouterr().err

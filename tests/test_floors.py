@@ -38,7 +38,8 @@ def test_every_direct_dependency_is_pinned_at_its_lower_bound():
         assert len(floors) == 1, f"{req}: give exactly one lower bound (>=)"
         if name in NOT_PINNED:
             continue
-        assert pinned[name] == floors[0], f"{name}: pyproject.toml floor {floors[0]}, scripts/floors.txt {pinned[name]}"
+        assert pinned[name] == floors[0], (f"{name}: pyproject.toml floor {floors[0]}, "
+                                           f"scripts/floors.txt {pinned[name]}")
         assert req.specifier.contains(pinned[name], prereleases=True), f"{name}=={pinned[name]} outside {req}"
 
 

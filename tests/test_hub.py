@@ -15,8 +15,8 @@ import shutil
 import datasets
 import huggingface_hub.hf_api
 import pytest
-import transformers.utils.hub
 import torch
+import transformers.utils.hub
 from fake_hub import FakeHub
 from huggingface_hub import EvalResult, HfApi, ModelCard, constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from transformers_red import RedAdapterConfig, RedConfig, RedDistillationTrainer, get_red_model
+from transformers_red.commands import push as push_command
 from transformers_red.hub import (
     CARD_ERANK_NAME,
     HubPushError,
@@ -32,7 +33,6 @@ from transformers_red.hub import (
     count_parameters,
     push_compressed,
 )
-from transformers_red.commands import push as push_command
 from transformers_red.resources import builtin_texts, byte_tokenizer, tiny_teacher
 
 TOKEN = "hf_fakeTOKEN0123456789secret"
@@ -332,9 +332,10 @@ def test_private_repo_needs_the_token(hub, student_folder):
 
 def test_push_command(hub, student_folder, tmp_path, monkeypatch, capsys):
     results = tmp_path / "results.json"  # as `transformers-red eval --output` writes it
-    results.write_text(json.dumps({"table": "", "eval_results": [{"task": "arc_easy", "metric": "acc", "value": 0.4}]}))
+    card_results = [{"task": "arc_easy", "metric": "acc", "value": 0.4}]
+    results.write_text(json.dumps({"table": "", "eval_results": card_results}))
     assert push_command.main([str(student_folder), REPO, "--dry-run", "--teacher", SMOLLM2,
-                              "--eval-results", str(results)]) == 0  # dashed flags of 0.1 still work
+                              "--eval-results", str(results)]) == 0  # dashed spellings still work
     printed = capsys.readouterr().out
     assert "red:" in printed and "arc_easy" in printed and hub.requests == []
     monkeypatch.setenv("HF_TOKEN", TOKEN)  # how the CLI gets a token: never a flag
@@ -369,7 +370,7 @@ def test_fake_hub_speaks_the_client_protocol(hub):
     assert hub.unknown == []
 
 
-# ----------------------------------------------------------------------- what a push uploads (issue: probe §1, §10)
+# ----------------------------------------------------------------------- what a push uploads
 def leaky_folder(student_folder, tmp_path):
     folder = tmp_path / "leaky"
     shutil.copytree(student_folder, folder)
@@ -437,7 +438,7 @@ def test_push_refuses_a_plain_model_folder_unless_allowed(hub, tmp_path):
 
 
 def test_push_to_a_silent_endpoint_fails_instead_of_hanging(student_folder, monkeypatch, tmp_path, capsys):
-    """An endpoint that accepts connections and never answers (probe §18): the CLI's timeout ends the push."""
+    """An endpoint that accepts connections and never answers: the CLI's timeout ends the push."""
     import socket
     import threading
     import time

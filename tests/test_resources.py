@@ -7,8 +7,8 @@ import json
 import pathlib
 
 import pytest
-from testing_utils import GEMMA_LIKE
 import torch
+from testing_utils import GEMMA_LIKE
 from transformers import AutoTokenizer
 
 from transformers_red import resources

@@ -1,7 +1,6 @@
 """The adapter on a real pretrained teacher: SmolLM2-135M-Instruct (Llama, GQA 9/3 heads, tied embeddings)."""
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from transformers_red import RedAdapterConfig, get_red_model

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from transformers_red.demo.chain_task import (
-    weights_digest,
     END_MARKER,
     MAX_VALUE,
     RATIONALES,
@@ -21,6 +20,7 @@ from transformers_red.demo.chain_task import (
     reasoning_teacher_dir,
     score_answer,
     teacher_report,
+    weights_digest,
 )
 
 _CONST = re.compile(r"^([a-z])=(\d+)$")
@@ -111,7 +111,7 @@ def test_examples_of_each_rationale():
         assert q.prompt == p.prompt  # the rationale style does not change the problem
         assert re.fullmatch(pattern, q.target), (rationale, q.target)
     control = generate_problems(1, 0, seed=0)[0]
-    assert re.fullmatch(rf"([a-z])=(\d);\?\1 => #\2", control.prompt + control.target)
+    assert re.fullmatch(r"([a-z])=(\d);\?\1 => #\2", control.prompt + control.target)
 
 
 def test_value_range_and_bad_arguments():

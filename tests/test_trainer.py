@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from transformers_red import RedAdapterConfig, RedConfig, RedDistillationTrainer, get_red_model
-from transformers_red.training.losses import LogitLossWorkspace, fused_logit_loss, logit_loss_sums, masked_mse_sum
 from transformers_red.resources import builtin_texts, tiny_teacher
+from transformers_red.training.losses import LogitLossWorkspace, fused_logit_loss, logit_loss_sums, masked_mse_sum
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +195,9 @@ def test_capture_activations_records_only_named_modules(input_ids):
 def test_gradient_accumulation_1x8_equals_8x1(tmp_path, train_texts, tokenizer, trained_teacher, train, normalization):
     runs = {}
     for batch, accumulation in ((8, 1), (1, 8)):
-        trainer = make_trainer(tmp_path / f"{batch}x{accumulation}", train_texts, tokenizer, trained_teacher(), max_steps=1,
-                               per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+        trainer = make_trainer(tmp_path / f"{batch}x{accumulation}", train_texts, tokenizer, trained_teacher(),
+                               max_steps=1, per_device_train_batch_size=batch,
+                               gradient_accumulation_steps=accumulation,
                                optim="sgd", learning_rate=0.5, shuffle_dataset=False, train=train,
                                clone_normalization=normalization)
         initial = {k: v.clone() for k, v in trained_state(trainer).items()}
@@ -210,7 +211,8 @@ def test_gradient_accumulation_1x8_equals_8x1(tmp_path, train_texts, tokenizer, 
     assert not unchanged, f"the step changed nothing in {unchanged[:3]}"
 
 
-def test_training_lowers_losses_and_activation_beats_random_at_step_one(tmp_path, train_texts, tokenizer, trained_teacher):
+def test_training_lowers_losses_and_activation_beats_random_at_step_one(tmp_path, train_texts, tokenizer,
+                                                                          trained_teacher):
     red = make_trainer(tmp_path / "red", train_texts, tokenizer, trained_teacher(), max_steps=30)
     red.train()
     for key in ("loss", "kd_loss", "clone_loss"):
@@ -357,7 +359,8 @@ def test_cpu_allocator_setting_is_opt_in(tmp_path, train_texts, tokenizer, monke
         assert keep_freed_cpu_memory() is True  # mallopt accepted both settings
 
 
-def test_prompt_completion_data_calibrates_on_whole_rows_and_trains_on_completions(tmp_path, tokenizer, trained_teacher):
+def test_prompt_completion_data_calibrates_on_whole_rows_and_trains_on_completions(tmp_path, tokenizer,
+                                                                                    trained_teacher):
     prompts = [f"Question {i}: what is {i} plus {i}? " for i in range(16)]
     completions = [f"Answer: {2 * i}." for i in range(16)]
     dataset = datasets.Dataset.from_dict({"prompt": prompts, "completion": completions})

@@ -81,13 +81,15 @@ def test_gsm8k_shaped_data_trains_as_prompt_completion_with_an_eval_split(tmp_pa
 
 def test_rows_that_truncation_empties_are_reported_and_none_left_is_an_error(tmp_path):
     rows = _gsm_rows(8)
-    ds = datasets.Dataset.from_dict({"prompt": [r["question"] for r in rows], "completion": [r["answer"] for r in rows]})
+    ds = datasets.Dataset.from_dict({"prompt": [r["question"] for r in rows],
+                                     "completion": [r["answer"] for r in rows]})
     with pytest.raises(ValueError, match="No training row is left after tokenisation.*Raise max_length"):
         RedDistillationTrainer(model=tiny_teacher("llama"), args=RedConfig(output_dir=str(tmp_path), **TINY),
                                train_dataset=ds, processing_class=byte_tokenizer())
     long = {"prompt": ["Q" * 60] + ["Q"] * 7, "completion": ["A"] * 8}
     trainer = RedDistillationTrainer(model=tiny_teacher("llama"), train_dataset=datasets.Dataset.from_dict(long),
-                                     args=RedConfig(output_dir=str(tmp_path), **TINY), processing_class=byte_tokenizer())
+                                     args=RedConfig(output_dir=str(tmp_path), **TINY),
+                                     processing_class=byte_tokenizer())
     assert "8 rows, of which 1 were dropped by TRL" in trainer.training_data_summary_line()
 
 

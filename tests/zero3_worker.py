@@ -25,8 +25,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from testing_utils import (SHARDING_BATCH, distillation_loss, make_teacher, sharding_adapter_config,  # noqa: E402
-                           trainable_gradients)
+from testing_utils import SHARDING_BATCH, distillation_loss, make_teacher, sharding_adapter_config, trainable_gradients  # noqa: E402
 
 from transformers_red import get_red_model  # noqa: E402
 from transformers_red.training.distributed import register_zero3_leaf_modules, whole_parameters  # noqa: E402

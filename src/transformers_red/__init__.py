@@ -6,7 +6,7 @@ Pipeline: calibrate -> initialise -> distil -> merge -> evaluate -> publish.
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-from .constants import __version__
+from .constants import __version__ as __version__
 
 # public name -> the module that defines it; imported on first use, so `import transformers_red` (and the command
 # line's --help) does not import torch, transformers or TRL until something needs them

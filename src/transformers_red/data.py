@@ -111,7 +111,8 @@ def iter_batches(data: Any, tokenizer: Any = None, *, batch_size: int = 4, max_l
             raise ValueError(f"Batch {index}: input_ids must be (B, T) and attention_mask the same shape; got "
                              f"{tuple(ids.shape)} and {tuple(mask.shape)}.")
         if not ((mask == 0) | (mask == 1)).all():
-            raise ValueError(f"Batch {index}: attention_mask must hold only 0 and 1, got {sorted(mask.unique().tolist())[:5]}.")
+            raise ValueError(f"Batch {index}: attention_mask must hold only 0 and 1, "
+                             f"got {sorted(mask.unique().tolist())[:5]}.")
         yield {"input_ids": ids[:, :max_length].to(device), "attention_mask": mask[:, :max_length].to(device)}
         count += ids.shape[0]
         if num_samples is not None and count >= num_samples:

@@ -21,8 +21,17 @@ from huggingface_hub.utils import validate_repo_id
 
 from .adapter.model import RedModel
 from .adapter.remote import HUB_ID, file_contains, upload_token
-from .constants import (ADAPTER_WEIGHTS_NAME, CARD_ERANK_NAME, ERANK_NAME, EXPORT_INCOMPLETE_NAME, LEGACY_SUMMARY_NAME, PAPER_CITATION,
-                        PAPER_ID, STUDENT_SUMMARY_NAME, TAGS)
+from .constants import (
+    ADAPTER_WEIGHTS_NAME,
+    CARD_ERANK_NAME,
+    ERANK_NAME,
+    EXPORT_INCOMPLETE_NAME,
+    LEGACY_SUMMARY_NAME,
+    PAPER_CITATION,
+    PAPER_ID,
+    STUDENT_SUMMARY_NAME,
+    TAGS,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +73,9 @@ def check_student_folder(folder: str | os.PathLike, allow_plain_model: bool = Fa
         raise ValueError(f"{folder} holds an export that was interrupted while its files were moved in "
                          f"({EXPORT_INCOMPLETE_NAME} is present): re-run trainer.save_model() to finish it.")
     if ADAPTER_WEIGHTS_NAME in names and "model.safetensors" not in names:
-        raise ValueError(f"{folder} is a RED adapter checkpoint ({ADAPTER_WEIGHTS_NAME}), not a merged student. Merge it "
-                         "first: RedModel.from_pretrained(teacher, folder).merge_and_unload().save_pretrained(out) "
+        raise ValueError(f"{folder} is a RED adapter checkpoint ({ADAPTER_WEIGHTS_NAME}), not a merged student. "
+                         "Merge it first: "
+                         "RedModel.from_pretrained(teacher, folder).merge_and_unload().save_pretrained(out) "
                          "(or trainer.save_model(out)), then push `out`.")
     if not names:
         raise ValueError(f"{folder} is empty: there is no model to push.")
@@ -81,8 +91,9 @@ def check_student_folder(folder: str | os.PathLike, allow_plain_model: bool = Fa
         raise ValueError(f"{folder} has no config.json with a hidden_size: save the student with save_pretrained.")
     summary = read_summary(folder)
     if summary.get("student_hidden_size") not in (None, config["hidden_size"]):
-        raise ValueError(f"{folder}/{STUDENT_SUMMARY_NAME} records a student of width {summary['student_hidden_size']} "
-                         f"but config.json has hidden_size {config['hidden_size']}: the folder mixes two exports.")
+        raise ValueError(f"{folder}/{STUDENT_SUMMARY_NAME} records a student of width "
+                         f"{summary['student_hidden_size']} but config.json has hidden_size {config['hidden_size']}: "
+                         "the folder mixes two exports.")
     wrong = sorted(n for n, size in (summary.get("files") or {}).items()
                    if not (folder / n).is_file() or (folder / n).stat().st_size != size)
     if wrong:
@@ -313,7 +324,8 @@ def push_compressed(model_or_folder: Any, repo_id: str, api: HfApi | None = None
                              "first, or pass merge=True to push the merged student.")
         model_or_folder = model_or_folder.merge_and_unload()
     if not isinstance(model_or_folder, (str, os.PathLike)) and not hasattr(model_or_folder, "save_pretrained"):
-        raise TypeError(f"Expected a student folder or a merged PreTrainedModel, got {type(model_or_folder).__name__}.")
+        raise TypeError("Expected a student folder or a merged PreTrainedModel, "
+                        f"got {type(model_or_folder).__name__}.")
     if is_offline_mode():
         raise HubPushError("HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to push to the Hub.")
     with tempfile.TemporaryDirectory(prefix="red-push-") as tmp:

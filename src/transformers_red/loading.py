@@ -65,7 +65,8 @@ def load_model(name_or_path: str | os.PathLike | None, *, tokenizer: bool = True
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, **{**kwargs, **(init_kwargs or {})})
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False,
+                                                     **{**kwargs, **(init_kwargs or {})})
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False,
                                             **({"gguf_file": gguf_file} if gguf_file else {})) if tokenizer else None
     except (OSError, ValueError) as err:

@@ -251,8 +251,8 @@ def tiny_teacher(
     Defaults: hidden 64, 2 layers, 4 query heads / 2 KV heads (GQA), head_dim 16,
     intermediate 96, vocab 256 (matches :func:`byte_tokenizer`), 256 positions.
     RMSNorm multipliers (including qwen3's and gemma3's q_norm/k_norm) are drawn as
-    ``1 + 0.1 * randn`` so they are not all ones (Gemma stores them as ``w`` with multiplier ``1 + w``). Initialisation is seeded inside
-    :func:`torch.random.fork_rng`, so the global RNG state is left untouched.
+    ``1 + 0.1 * randn`` so they are not all ones (Gemma stores them as ``w`` with multiplier ``1 + w``).
+    Initialisation is seeded inside :func:`torch.random.fork_rng`, so the global RNG state is left untouched.
 
     Args:
         model_type: a registered architecture (``SUPPORTED_MODEL_TYPES``).

@@ -11,7 +11,7 @@ from .layer import RED_LAYER_CLASSES, RedEmbedding, RedLinear, RedRMSNorm
 from .merge import student_config
 from .model import RedModel, calibrate_channels, get_red_model
 
-__all__ = ["ARCHITECTURES", "ActivationStats", "RED_LAYER_CLASSES", "Architecture", "RedAdapterConfig", "RedEmbedding", "RedLinear",
-           "RedModel", "RedRMSNorm", "SUPPORTED_MODEL_TYPES", "calibrate_channels", "collect_activation_stats", "get_architecture",
-           "get_red_model", "model_layout", "orthogonal_projection", "random_projection", "select_channels",
-           "selection_matrix", "student_config"]
+__all__ = ["ARCHITECTURES", "ActivationStats", "RED_LAYER_CLASSES", "Architecture", "RedAdapterConfig", "RedEmbedding",
+           "RedLinear", "RedModel", "RedRMSNorm", "SUPPORTED_MODEL_TYPES", "calibrate_channels",
+           "collect_activation_stats", "get_architecture", "get_red_model", "model_layout", "orthogonal_projection",
+           "random_projection", "select_channels", "selection_matrix", "student_config"]

@@ -128,7 +128,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "phi3": _PHI3,
 }
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
-# model_type -> {"input", "output", "norms"} module names (the public table of earlier releases)
+# model_type -> {"input", "output", "norms"} module names, derived from the registry
 TARGET_MODULES_MAPPING = {model_type: arch.target_modules() for model_type, arch in ARCHITECTURES.items()}
 
 

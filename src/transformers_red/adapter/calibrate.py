@@ -1,6 +1,6 @@
 """Step 1 of the pipeline: calibrate. Run the frozen teacher over a few texts and score residual channels.
 
-RED's score of channel j (method.md section 4): for each hidden state l (embedding output and every decoder
+RED's score of channel j (docs/method.md section 4): for each hidden state l (embedding output and every decoder
 layer, as `output_hidden_states` gives them) and each sequence n, the mean over valid tokens of
 |h[l, n, t, j]|; then the L2 norm over sequences; then the mean over layers. Accumulated in float64 with
 O((L + 1) x d_T) memory whatever the token count; padding never counts.
@@ -69,7 +69,8 @@ def record_hidden_states(model: torch.nn.Module, sink: list[torch.Tensor | None]
 
 def materialise_batches(data: Any, tokenizer: Any, *, batch_size: int, max_length: int,
                         num_samples: int | None, seed: int | None, device: Any,
-                        what: str = "calibration data", vocab_size: int | None = None) -> list[dict[str, torch.Tensor]]:
+                        what: str = "calibration data",
+                        vocab_size: int | None = None) -> list[dict[str, torch.Tensor]]:
     """Tokenise everything up front (cheap) so bad input fails before the first forward (expensive).
 
     `vocab_size`: the model's; token ids at or above it are refused here rather than as an IndexError in the

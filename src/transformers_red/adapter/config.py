@@ -13,11 +13,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..constants import ADAPTER_CONFIG_NAME
 import torch
 
+from ..constants import ADAPTER_CONFIG_NAME
 from .architectures import get_architecture
-
 
 _SAMPLES_PER_TENSOR = 1024  # teacher weights hashed per tensor
 # Config keys that do not change the teacher's function or shapes and must not break the fingerprint.
@@ -142,7 +141,8 @@ class RedAdapterConfig:
         if self.target_modules is not None:
             missing = {"input", "output", "norms"} - set(self.target_modules)
             if missing:
-                raise ValueError(f"target_modules needs the keys 'input', 'output' and 'norms'; missing {sorted(missing)}.")
+                raise ValueError("target_modules needs the keys 'input', 'output' and 'norms'; "
+                                 f"missing {sorted(missing)}.")
         if self.trainable_dtype not in ("float32", "teacher"):
             raise ValueError(f"trainable_dtype={self.trainable_dtype!r} is not supported; use 'float32' (float32 "
                              "projections over a half-precision teacher) or 'teacher'.")

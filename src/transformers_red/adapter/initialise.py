@@ -1,6 +1,6 @@
 """Step 2 of the pipeline: initialise the projections and student norm gains.
 
-RED (method.md section 4): every projection starts as the 0/1 channel-selection matrix H (d_T, d_S) with
+RED (docs/method.md section 4): every projection starts as the 0/1 channel-selection matrix H (d_T, d_S) with
 H[G_k, k] = 1, whose singular values are all exactly 1. LRC's random Gaussian and a random orthonormal
 matrix are the controls.
 """

@@ -83,7 +83,8 @@ def build_merged_model(red_model: Any, progressbar: bool = False) -> Any:
     if getattr(teacher, "generation_config", None) is not None:
         student.generation_config = copy.deepcopy(teacher.generation_config)
     # what the hub utilities record for an in-memory student (a trainer export writes it as red_summary.json)
-    student.red_summary = {"adapter": red_model.red_config.to_dict(), "teacher_hidden_size": red_model.teacher_hidden_size,
+    student.red_summary = {"adapter": red_model.red_config.to_dict(),
+                           "teacher_hidden_size": red_model.teacher_hidden_size,
                            "student_hidden_size": red_model.student_hidden_size}
     _check_merge(red_model, student)
     student.train(teacher.training)

@@ -16,16 +16,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..constants import ADAPTER_WEIGHTS_NAME
+from ..data import check_not_empty
 from .architectures import find_in_layer, get_architecture, model_layout
 from .calibrate import collect_activation_stats, select_channels
 from .config import RedAdapterConfig
-from ..constants import ADAPTER_WEIGHTS_NAME
-from ..data import check_not_empty
 from .initialise import initial_norm_gain, initial_projection
 from .layer import FormedWeights, RedEmbedding, RedLayer, RedLinear, RedRMSNorm, RedState
 from .merge import build_merged_model
 from .remote import adapter_folder, push_adapter
-
 
 
 def _store_key(name: str) -> str:
@@ -128,7 +127,8 @@ class RedModel(nn.Module):
             if name == "base_model":
                 raise
             if name in _WRONG_ON_A_WRAPPED_TEACHER:
-                raise AttributeError(f"RedModel.{name} is not available: {_WRONG_ON_A_WRAPPED_TEACHER[name]}") from None
+                raise AttributeError(
+                    f"RedModel.{name} is not available: {_WRONG_ON_A_WRAPPED_TEACHER[name]}") from None
             # everything else is the teacher's (config, generate, device, dtype, gradient checkpointing, ...):
             # its forward is the student's, so these act on the student
             return getattr(self.base_model, name)

@@ -51,7 +51,8 @@ def adapter_folder(path_or_repo_id: str | os.PathLike, *, revision: str | None =
         return snapshot_download(path, revision=revision, token=token, allow_patterns=list(ADAPTER_FILES))
     except LocalEntryNotFoundError as err:
         raise OSError(f"The adapter {path!r} is not in the local Hub cache and the Hub cannot be reached (offline: "
-                      "HF_HUB_OFFLINE is set, or no network). Download it once online, or give a local folder.") from err
+                      "HF_HUB_OFFLINE is set, or no network). Download it once online, or give a local folder."
+                      ) from err
     except Exception as err:  # repository / revision not found, no access
         raise OSError(f"Cannot download the adapter {path!r}{f' at {revision}' if revision else ''}: {err}") from err
 

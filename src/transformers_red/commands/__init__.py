@@ -1,8 +1,8 @@
 """The `transformers-red` command line: one module per subcommand, dispatched from `main`.
 
-Each subcommand module has `HELP` (its line in `SUBCOMMANDS`), `build_parser()` and `main(argv) -> int`. Flags are spelled with underscores everywhere; the dashed
-spellings are accepted too. A bad input prints `error: ...` and exits with status 2; `--debug` (anywhere on the
-line) shows the traceback instead.
+Each subcommand module has `HELP` (its line in `SUBCOMMANDS`), `build_parser()` and `main(argv) -> int`. Flags are
+spelled with underscores everywhere; the dashed spellings are accepted too. A bad input prints `error: ...` and exits
+with status 2; `--debug` (anywhere on the line) shows the traceback instead.
 """
 
 from __future__ import annotations

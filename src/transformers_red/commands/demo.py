@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 from ..demo.run import VARIANTS, format_demo, run_demo
@@ -38,12 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(normalise_flags(argv))
+    if args.teacher is not None and not os.path.isdir(args.teacher):  # named as the flag, not as run_demo's argument
+        raise SystemExit(f"error: --teacher {args.teacher} is not a folder.")
     if args.threads > 0:
         import torch
 
         torch.set_num_threads(args.threads)  # this process is the command's own
-    report = run_demo(teacher_dir=args.teacher, data=args.data, output_dir=args.output_dir, width_ratio=args.width_ratio,
-                      steps=args.steps, seeds=tuple(args.seeds), variants=tuple(args.variants),
+    report = run_demo(teacher_dir=args.teacher, data=args.data, output_dir=args.output_dir,
+                      width_ratio=args.width_ratio, steps=args.steps, seeds=tuple(args.seeds),
+                      variants=tuple(args.variants),
                       eval_per_hop=args.eval_per_hop, train_samples=args.train_samples, batch_size=args.batch_size,
                       learning_rate=args.learning_rate, step0=args.step0, plots=not args.no_plots,
                       show_progress=not args.quiet)

@@ -114,7 +114,8 @@ def _as_trl_columns(dataset: Any, script: Any, config: Any, split: str) -> Any:
         missing = [c for c in pair if c not in columns]
         if missing:
             raise SystemExit(f"error: the {split!r} split has no column {missing[0]!r} (columns: {columns}); set "
-                             "--dataset_prompt_field / --dataset_completion_field to its prompt and completion columns.")
+                             "--dataset_prompt_field / --dataset_completion_field to its prompt and completion "
+                             "columns.")
         keep = dataset.select_columns(list(pair))
         return keep.rename_columns({pair[0]: "prompt", pair[1]: "completion"}) if pair != ("prompt", "completion") \
             else keep
@@ -162,7 +163,8 @@ def run_distill(argv: Sequence[str] | None = None) -> Any:
 
 
 def _resume_flag(value: str | None) -> str | bool | None:
-    """`--resume_from_checkpoint true` means the newest complete checkpoint (as in TRL's scripts); a path stays a path."""
+    """`--resume_from_checkpoint true` means the newest complete checkpoint (as in TRL's scripts); a path stays a
+    path."""
     if isinstance(value, str) and value.lower() in ("true", "yes", "1", "last"):
         return True
     if isinstance(value, str) and value.lower() in ("false", "no", "0", ""):

@@ -23,7 +23,8 @@ HELP = SUBCOMMANDS["erank"]
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of `transformers-red erank`."""
     parser = argparse.ArgumentParser(prog="transformers-red erank", description=HELP)
-    parser.add_argument("models", nargs="+", help="Model folders (safetensors), hub ids where reachable, or 'smollm2'.")
+    parser.add_argument("models", nargs="+",
+                        help="Model folders (safetensors), hub ids where reachable, or 'smollm2'.")
     parser.add_argument("--text", default="builtin",
                         help="A text file (paragraphs separated by blank lines), 'builtin' (Python docs "
                              "paragraphs, default) or 'reasoning' (GSM-style worked problems, needs reasoning-gym).")

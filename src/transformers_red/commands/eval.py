@@ -46,13 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="Seed for few-shot sampling etc. (default 0).")
     parser.add_argument("--output", default=None, help="Write the full results (table, card results, raw) as JSON.")
     parser.add_argument("--eval_results", default=None,
-                        help="Write the card-ready results as JSON, for `transformers-red push --eval-results`.")
+                        help="Write the card-ready results as JSON, for `transformers-red push --eval_results`.")
     parser.add_argument("--log_samples", action="store_true", help="Keep per-sample outputs in --output.")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`transformers-red eval MODEL [--tasks ...] [--num-fewshot N] [--limit N] [--batch-size N] [--output F]`."""
+    """`transformers-red eval MODEL [--tasks ...] [--num_fewshot N] [--limit N] [--batch_size N] [--output F]`."""
     args = build_parser().parse_args(normalise_flags(argv))
     try:
         _require_lm_eval()

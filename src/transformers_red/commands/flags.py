@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 
 def normalise_flags(argv: Sequence[str] | None) -> list[str] | None:
-    """`--max-length 8` -> `--max_length 8`: the dashed spellings of earlier releases keep working.
+    """`--max-length 8` -> `--max_length 8`: dashed spellings, as typed from habit, are accepted.
 
     Only option names change (the part of `--name=value` before `=`); values and positionals are untouched.
     """

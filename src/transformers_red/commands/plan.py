@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Sequences per GPU per micro-batch (default 8).")
     p.add_argument("--max_length", type=int, default=2048, help="Tokens per sequence (default 2048).")
     p.add_argument("--dtype", default="bfloat16", choices=list(_DTYPES), help="Teacher / activation dtype.")
-    # the names of earlier releases, still accepted
+    # the names plan had before it took the trainer's, still accepted (hidden from --help)
     p.add_argument("--micro_batch_size", type=int, dest="per_device_train_batch_size", help=argparse.SUPPRESS)
     p.add_argument("--seq_len", type=int, dest="max_length", help=argparse.SUPPRESS)
     p.add_argument("--loss_chunk_size", type=int, default=DEFAULT_LOSS_CHUNK_SIZE,

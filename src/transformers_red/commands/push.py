@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--private", action="store_true", help="Create the repository private.")
     parser.add_argument("--teacher", default=None, help="Teacher hub id for base_model (default: recorded one).")
     parser.add_argument("--eval_results", default=None,
-                        help="JSON: a list of {task, metric, value, ...} (`transformers-red eval --eval-results`) "
+                        help="JSON: a list of {task, metric, value, ...} (`transformers-red eval --eval_results`) "
                              "or an `eval --output` file, for the card's model-index.")
     parser.add_argument("--datasets", nargs="*", default=None, help="Training dataset ids for the card.")
     parser.add_argument("--erank_text", default=None, help="What the eRank was measured on (for the card).")
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(results, dict):  # `transformers-red eval --output` writes {"eval_results": [...], ...}
         if "eval_results" not in results:
             raise SystemExit(f"error: {args.eval_results} has no 'eval_results' list (write it with "
-                             "`transformers-red eval ... --eval-results FILE`).")
+                             "`transformers-red eval ... --eval_results FILE`).")
         results = results["eval_results"]
     kwargs = dict(teacher_name_or_path=args.teacher, datasets=args.datasets, erank_text=args.erank_text)
     try:

@@ -19,12 +19,18 @@ from typing import Any
 import datasets
 import torch
 
-from ..loading import load_text_dataset
 from ..evaluation.erank import layerwise_effective_rank, projection_spectra
+from ..loading import load_text_dataset
 from ..training.config import RedConfig
 from ..training.trainer import RedDistillationTrainer
-from .chain_task import (HOPS, completion_columns, evaluate_model, generate_mixed_problems, generate_problems,
-                    load_reasoning_teacher)
+from .chain_task import (
+    HOPS,
+    completion_columns,
+    evaluate_model,
+    generate_mixed_problems,
+    generate_problems,
+    load_reasoning_teacher,
+)
 
 
 @dataclass(frozen=True)
@@ -70,8 +76,9 @@ def distil_variant(variant: Variant, *, teacher_dir: str | None, train_data: dic
     """
     teacher, tokenizer = load_reasoning_teacher(teacher_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        args = RedConfig(keep_freed_cpu_memory=True, output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size,
-                         learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
+        args = RedConfig(keep_freed_cpu_memory=True, output_dir=tmp, max_steps=steps,
+                         per_device_train_batch_size=batch_size, learning_rate=learning_rate,
+                         lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
                          temperature=variant.temperature, init=variant.init, width_ratio=width_ratio, seed=seed,
                          max_length=128, report_to=[], save_strategy="no", logging_steps=max(1, steps // 10),
                          erank_steps=max(1, steps // 10), erank_num_samples=len(erank_texts),
@@ -99,8 +106,9 @@ def distil_variant(variant: Variant, *, teacher_dir: str | None, train_data: dic
     return result
 
 
-def run_demo(*, teacher_dir: str | None = None, data: str | None = None, output_dir: str | None = None, width_ratio: float = 0.5,
-             steps: int = 150, seeds: tuple[int, ...] = (0,), variants: tuple[str, ...] = ("red", "lrc40", "lrc1"),
+def run_demo(*, teacher_dir: str | None = None, data: str | None = None, output_dir: str | None = None,
+             width_ratio: float = 0.5, steps: int = 150, seeds: tuple[int, ...] = (0,),
+             variants: tuple[str, ...] = ("red", "lrc40", "lrc1"),
              eval_per_hop: int = 50, train_samples: int = 4000, batch_size: int = 32, learning_rate: float = 2e-3,
              step0: bool = False, plots: bool = True, show_progress: bool = True) -> dict[str, Any]:
     """Run the comparison and return every number; writes `results.json` (and plots) into `output_dir`."""
@@ -109,7 +117,7 @@ def run_demo(*, teacher_dir: str | None = None, data: str | None = None, output_
 
     RedAdapterConfig(width_ratio=width_ratio)  # a bad width fails before any folder is made
     if teacher_dir is not None and not os.path.isdir(teacher_dir):
-        raise FileNotFoundError(f"--teacher {teacher_dir} is not a folder.")
+        raise FileNotFoundError(f"run_demo(teacher_dir={teacher_dir!r}): not a folder.")
     output_dir = output_dir or time.strftime("red-demo-%Y%m%d-%H%M%S")
     os.makedirs(output_dir, exist_ok=True)
     teacher, tokenizer = load_reasoning_teacher(teacher_dir)

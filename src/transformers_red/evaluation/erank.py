@@ -1,6 +1,6 @@
 """Step 5 of the pipeline (part): effective rank, RED's diagnostic of reasoning collapse.
 
-eRank of a token x width matrix X (method.md section 3): centre each column, scale each row to unit L2 norm,
+eRank of a token x width matrix X (docs/method.md section 3): centre each column, scale each row to unit L2 norm,
 take the eigenvalues of the covariance (the squared singular values), normalise them to sum to 1, and return
 exp(Shannon entropy). All in float64.
 """

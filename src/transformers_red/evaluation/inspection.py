@@ -15,9 +15,9 @@ import torch
 
 from ..adapter.calibrate import collect_activation_stats, select_channels
 from ..adapter.config import RedAdapterConfig
+from ..adapter.model import get_red_model
 from .erank import layerwise_effective_rank, projection_spectra
 from .perplexity import perplexity
-from ..adapter.model import get_red_model
 
 
 def _shape(config: Any) -> dict[str, Any]:

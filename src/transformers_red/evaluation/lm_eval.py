@@ -7,23 +7,21 @@
   filters), `red_chain_sum` (multi-step arithmetic, same protocol) and `red_pydoc_mc` (0-shot 4-way
   multiple choice, acc / acc_norm); the tag `red_offline` selects all three. Where a hub is reachable,
   lm-eval's own tasks (`gsm8k`, `arc_challenge`, ...) are passed through by name.
-* :func:`cli_eval` and :func:`cli_erank` implement `transformers-red eval` and `transformers-red erank`.
+* `transformers-red eval` and `transformers-red erank` (`transformers_red.commands.eval` / `.erank`) call
+  these functions.
 
 lm-eval is an optional dependency (`pip install "transformers_red[eval]"`), imported only when needed.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import pathlib
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
-
 
 from ..loading import load_model, read_paragraphs
 
@@ -40,11 +38,7 @@ __all__ = [
     "OFFLINE_TASKS",
     "TASKS_DIR",
     "EvaluationResult",
-    "cli_erank",
-    "cli_eval",
     "compare_erank",
-    "erank_parser",
-    "eval_parser",
     "eval_results_from_lm_eval",
     "evaluate_compressed",
     "export_tasks",
@@ -161,7 +155,7 @@ class EvaluationResult:
         return out
 
     def card_results(self) -> list[dict[str, Any]]:
-        """The eval results as dicts {task, metric, value, ...}: the format of `push --eval-results` files."""
+        """The eval results as dicts {task, metric, value, ...}: the format of `push --eval_results` files."""
         rows = []
         for r in self.eval_results:
             row = {"task": r.task_name, "metric": r.metric_type, "value": r.metric_value, "name": r.metric_name,
@@ -386,7 +380,7 @@ def load_texts(source: str, n: int | None = None) -> list[str]:
         texts = reasoning_texts(n or 64)
     else:
         if not pathlib.Path(source).is_file():
-            raise FileNotFoundError(f"--text: {source!r} is neither a file nor 'builtin' / 'reasoning'.")
+            raise FileNotFoundError(f"Text source {source!r} is neither a file nor 'builtin' / 'reasoning'.")
         texts = read_paragraphs(source)
     return texts[:n] if n is not None else texts
 

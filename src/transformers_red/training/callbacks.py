@@ -10,7 +10,6 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-
 from ..constants import ERANK_NAME
 from ..evaluation.erank import layerwise_effective_rank
 from .distributed import reshard

@@ -1,4 +1,4 @@
-"""Step 3 of the pipeline (part): the activation-clone term of the loss (method.md section 2).
+"""Step 3 of the pipeline (part): the activation-clone term of the loss (docs/method.md section 2).
 
 The clone term compares module outputs of the student and the teacher: the q, k, v, gate, up pre-activations
 (same inner width in both) and the attention / FFN outputs (residual space, brought into one space through the

@@ -11,8 +11,8 @@ import torch
 from trl import SFTConfig
 
 from ..adapter.architectures import CLONE_TERMS
-from .clone import CLONE_NORMALIZATIONS
 from ..adapter.config import RedAdapterConfig
+from .clone import CLONE_NORMALIZATIONS
 
 TRAIN_TARGETS = ("projections", "weights")
 FORMING_MODES = ("auto", "per_step", "per_forward")
@@ -141,8 +141,8 @@ class RedConfig(SFTConfig):
                             f"command line), got the string {self.red_adapter_config[:40]!r}")
         checkpointing_kwargs = (getattr(self, "activation_checkpointing_kwargs", None)
                                 or getattr(self, "gradient_checkpointing_kwargs", None) or {})
-        if ((self.activation_checkpointing or self.gradient_checkpointing) and checkpointing_kwargs.get("use_reentrant")
-                and self.clone_weight > 0 and self.clone_terms):
+        if ((self.activation_checkpointing or self.gradient_checkpointing)
+                and checkpointing_kwargs.get("use_reentrant") and self.clone_weight > 0 and self.clone_terms):
             # reentrant checkpointing runs the first forward without gradients: the captured module outputs the clone
             # term compares would carry none, and the clone gradients would be silently wrong
             problems.append("activation checkpointing with use_reentrant=True gives the clone term wrong gradients "

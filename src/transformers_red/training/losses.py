@@ -1,4 +1,4 @@
-"""Step 3 of the pipeline (part): the distillation losses (method.md section 2), per token.
+"""Step 3 of the pipeline (part): the distillation losses (docs/method.md section 2), per token.
 
 Every term is a *sum over trained tokens*; the trainer divides by `num_items_in_batch` (the number of trained
 tokens in the whole accumulated batch), so gradient accumulation gives exactly the full-batch gradient.
@@ -384,7 +384,8 @@ def hidden_state_logit_loss(student_hidden: torch.Tensor, student_head: torch.Te
         sums: (3,) float32 [kd_sum, ce_sum, teacher_ce_sum], detached.
     """
     if student_head.shape[0] != teacher_head.shape[0]:
-        raise ValueError(f"Student and teacher vocabularies differ ({student_head.shape[0]} vs {teacher_head.shape[0]}).")
+        raise ValueError("Student and teacher vocabularies differ "
+                         f"({student_head.shape[0]} vs {teacher_head.shape[0]}).")
     options = dict(beta=beta, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
                    chunk_size=chunk_size, workspace=workspace or LogitLossWorkspace(), softcap=softcap,
                    teacher_softcap=teacher_softcap)

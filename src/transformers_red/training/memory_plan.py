@@ -17,7 +17,7 @@ and FFN inner widths, n = norms per layer, N_T = teacher parameters, N_RED = tra
 | RED gradients | N_RED x 4 | fsdp, zero2, zero3 |
 | optimizer states | N_RED x 8 (AdamW's two moments) | fsdp, zero2, zero3 |
 | student weights W_T @ P | per-layer student linear weights x L (x 1 with checkpointing) + V x d_S, x b | no |
-| held student weights | per-step forming (accumulation > 1, ddp): all student weights W_S x (4 + b [checkpointing]) | no |
+| held student weights | per-step forming (accumulation > 1, ddp): student weights W_S x (4 + b [checkpointing]) | no |
 | student activations | B x T x b x (L x a_S + d_T + 2 d_S) (checkpointing: L x (d_S + c_S) + a_S + ...) | no |
 | teacher pass | B x T x b x (2 d_T + max(2 q + 2 kv, 3 I)) | no |
 | clone targets | B x T x b x L x c_T | no |
@@ -35,7 +35,8 @@ and FFN inner widths, n = norms per layer, N_T = teacher parameters, N_RED = tra
   of `F.linear`), so the student's linear weights exist at width d_S next to the teacher's, plus the head's V x d_S.
 - Held student weights: with gradient accumulation (and not under FSDP / ZeRO), `RedConfig.form_student_weights`
   'auto' forms every W_S once per optimizer step and keeps it through the step with a float32 gradient sum; with
-  activation checkpointing the formed weights themselves (x b) add to the one layer counted above. 0 with `form_student_weights='per_forward'` (`held_weights=False`).
+  activation checkpointing the formed weights themselves (x b) add to the one layer counted above. 0 with
+  `form_student_weights='per_forward'` (`held_weights=False`).
 - a_S = 2 n d_S + 2 d_S + 3 q + 3 kv + 4 I elements per token and layer: norm inputs and outputs, the captured
   attention / FFN outputs, q, k, v before and after RoPE, the attention output, gate, up, act(gate) and
   act(gate) x up; no T x T scores (SDPA / flash attention). d_T + 2 d_S: the gathered embedding rows kept for

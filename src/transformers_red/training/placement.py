@@ -19,8 +19,9 @@ import torch
 def _sharding_engine_requested(args: Any) -> bool:
     """DeepSpeed or FSDP, from the arguments or `accelerate launch`'s environment (the accelerator does not exist
     yet): those engines place (and partition) the model themselves."""
-    env = {k: os.environ.get(k, "").lower() in ("1", "true") for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")}
-    return bool(args.deepspeed or args.fsdp or any(env.values()))
+    launched = any(os.environ.get(k, "").lower() in ("1", "true")
+                   for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"))
+    return bool(args.deepspeed or args.fsdp or launched)
 
 
 def place_on_training_device(model: Any, args: Any) -> None:

@@ -24,10 +24,23 @@ from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import TrainOutput
 
 from ..adapter.merge import outside_zero3_init, student_config, tied_parameter_names
-from ..constants import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ERANK_NAME, EXPORT_INCOMPLETE_NAME,
-                         LEGACY_SUMMARY_NAME, STUDENT_SUMMARY_NAME, STUDENT_WEIGHTS_NAME)
-from .checkpoints import (RUN_STATE_NAME, checkpoint_problem, last_complete_checkpoint, read_run_state,
-                          required_files, write_run_state)
+from ..constants import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    ERANK_NAME,
+    EXPORT_INCOMPLETE_NAME,
+    LEGACY_SUMMARY_NAME,
+    STUDENT_SUMMARY_NAME,
+    STUDENT_WEIGHTS_NAME,
+)
+from .checkpoints import (
+    RUN_STATE_NAME,
+    checkpoint_problem,
+    last_complete_checkpoint,
+    read_run_state,
+    required_files,
+    write_run_state,
+)
 from .distributed import barrier, reshard, whole_parameters
 
 logger = logging.getLogger(__name__)
@@ -344,7 +357,8 @@ class RedSavingMixin:
         """Restore the adapter state, or with train="weights" the student's weights (optimizer, scheduler and RNG
         are restored by Trainer), and RED's run state."""
         self._restore_run_state(resume_from_checkpoint)
-        weights = os.path.join(resume_from_checkpoint, STUDENT_WEIGHTS_NAME if self._trains_weights else ADAPTER_WEIGHTS_NAME)
+        weights = os.path.join(resume_from_checkpoint,
+                               STUDENT_WEIGHTS_NAME if self._trains_weights else ADAPTER_WEIGHTS_NAME)
         if self._trains_weights and self.is_fsdp_enabled:
             self._load_full_student_state(resume_from_checkpoint)
         elif self._trains_weights:

@@ -34,9 +34,15 @@ from .clone import CloneLoss, capture_outputs, clone_sites
 from .config import RedConfig
 from .cpu_memory import keep_freed_cpu_memory
 from .distributed import from_main_process, is_distributed, register_zero3_leaf_modules, whole_parameters
+from .losses import (
+    IGNORE_INDEX,
+    LogitLossWorkspace,
+    fused_logit_loss,
+    generalized_jsd_loss,
+    hidden_state_logit_loss,
+    shift_labels,
+)
 from .placement import place_on_training_device, training_autocast
-from .losses import (IGNORE_INDEX, LogitLossWorkspace, fused_logit_loss, generalized_jsd_loss,
-                     hidden_state_logit_loss, shift_labels)
 from .saving import RedSavingMixin
 
 
@@ -138,9 +144,9 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
                              f"truncation to max_length={args.max_length} removed every completion. Raise max_length "
                              "or shorten the prompts.")
         if args.logit_loss_from == "hidden_states" and teacher_model is not None and self._uses_sharding_engine:
-            raise ValueError("logit_loss_from='hidden_states' with a separate teacher_model reads that teacher's LM-head "
-                             "weight outside its forward, which DeepSpeed ZeRO-3 / FSDP have partitioned: use 'logits', "
-                             "or let the teacher pass run on the RedModel itself (no teacher_model).")
+            raise ValueError("logit_loss_from='hidden_states' with a separate teacher_model reads that teacher's "
+                             "LM-head weight outside its forward, which DeepSpeed ZeRO-3 / FSDP have partitioned: use "
+                             "'logits', or let the teacher pass run on the RedModel itself (no teacher_model).")
         if args.logit_loss_from == "hidden_states" and self._trains_weights and self.accelerator.num_processes > 1:
             raise ValueError("logit_loss_from='hidden_states' with train='weights' runs the plain student's decoder "
                              "past the DDP/FSDP wrapper (no gradient sync): use 'logits' with several processes.")
@@ -166,7 +172,8 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
         tokens = dataset_token_count(self.train_dataset)
         args = self.args
         parts = [f"{self._given_train_rows} rows" if self._given_train_rows is not None else "a streamed dataset"]
-        if rows is not None and self._given_train_rows is not None and rows < self._given_train_rows and not args.packing:
+        given = self._given_train_rows
+        if rows is not None and given is not None and rows < given and not args.packing:
             parts.append(f"of which {self._given_train_rows - rows} were dropped by TRL (no trained token left after "
                          f"truncation to max_length={args.max_length})")
         if tokens is not None:
@@ -363,7 +370,8 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
         inner = self.accelerator.unwrap_model(model)
         hf_model = inner.base_model if isinstance(inner, RedModel) else inner
         head = hf_model.get_output_embeddings()
-        if getattr(head, "bias", None) is not None or getattr(getattr(head, "base_layer", None), "bias", None) is not None:
+        base_head = getattr(head, "base_layer", None)
+        if getattr(head, "bias", None) is not None or getattr(base_head, "bias", None) is not None:
             raise ValueError("logit_loss_from='hidden_states' needs an LM head without a bias; use 'logits'.")
         softcap = getattr(hf_model.config, "final_logit_softcapping", None)
         if isinstance(inner, RedModel):  # through the DDP/FSDP/DeepSpeed wrapper, so its hooks run
