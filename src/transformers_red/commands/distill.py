@@ -27,6 +27,8 @@ class DistillScriptArguments:
         "help": "Offline in-memory dataset: 'builtin' or 'reasoning-gym:<task>'."})
     num_train_samples: int = field(default=2000, metadata={"help": "Texts to generate / keep at most."})
     dataset_seed: int = field(default=0, metadata={"help": "Seed of generated datasets."})
+    license: str | None = field(default=None, metadata={
+        "help": "Licence for the model card (with --push_to_hub); default: the teacher card's."})
 
 
 HELP = "Distil a student (every RedConfig field is a flag; --config file.yaml)."
@@ -54,6 +56,8 @@ def run_distill(argv: Sequence[str] | None = None) -> Any:
         raise SystemExit(f"error: {err}") from err
     trainer = RedDistillationTrainer(model=teacher, args=config, train_dataset=train_dataset,
                                      processing_class=tokenizer)
+    if script.license:
+        trainer.card_kwargs = {"license": script.license}
     trainer.train(resume_from_checkpoint=_resume_flag(config.resume_from_checkpoint))
     trainer.save_model(config.output_dir)
     summary = trainer.red_summary()
