@@ -73,7 +73,7 @@ def load_teacher(name: str):
 
         return tiny_teacher("llama", num_hidden_layers=2), byte_tokenizer()
     if name == "smollm2-reasoner":
-        from transformers_red.demo.smollm2_reasoner import load_smollm2_reasoner
+        from transformers_red.resources import load_smollm2_reasoner
 
         teacher, tokenizer = load_smollm2_reasoner()
     else:

@@ -13,7 +13,7 @@ tokenizer and `training_report.json` (recipe, recipe digest, weights digest, acc
     python scripts/train_smollm2_reasoner.py                     # the teacher the benchmarks use (~1-2 h, 2 cores)
     python scripts/train_smollm2_reasoner.py --steps 4 --eval-per-k 2 --output-dir /tmp/r   # a smoke run
 
-Load it with `transformers_red.demo.smollm2_reasoner.load_smollm2_reasoner()`, or `--teacher smollm2-reasoner`.
+Load it with `transformers_red.resources.load_smollm2_reasoner()`, or `--teacher smollm2-reasoner`.
 """
 
 from __future__ import annotations
@@ -43,13 +43,12 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import GenerationConfig  # noqa: E402
 
 from transformers_red.demo.chain_task import weights_digest  # noqa: E402
-from transformers_red.demo.smollm2_reasoner import recipe_digest, smollm2_reasoner_dir  # noqa: E402
 from transformers_red.demo.word_problems import (  # noqa: E402
     evaluate_word_problems,
     generate_mixed_word_problems,
     generate_word_problems,
 )
-from transformers_red.resources import load_smollm2  # noqa: E402
+from transformers_red.resources import load_smollm2, recipe_digest, smollm2_reasoner_dir  # noqa: E402
 
 RECIPE_KEYS = ("seed", "eval_seed", "min_k", "max_k", "steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps",
                "weight_decay")

@@ -127,7 +127,7 @@ def test_library_errors_name_python_arguments_and_the_cli_names_its_flags(tmp_pa
     """A Python caller is told about the argument it passed, a command-line user about the flag."""
     from transformers_red.commands import main
     from transformers_red.demo.run import run_demo
-    from transformers_red.evaluation.lm_eval import load_texts
+    from transformers_red.evaluation.erank import load_texts
 
     missing = str(tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match=r"run_demo\(teacher_dir=.*nothing'\): not a folder") as err:

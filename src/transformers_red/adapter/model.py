@@ -362,13 +362,15 @@ class RedModel(nn.Module):
         self.red_config.save_pretrained(save_directory)
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None,
-                    revision: str | None = None, commit_message: str = "Upload RED adapter", api: Any = None) -> str:
+                    revision: str | None = None, commit_message: str = "Upload RED adapter", api: Any = None,
+                    license: str | None = None) -> str:
         """Upload the adapter (config with the selected channels and teacher fingerprint, safetensors projections
-        and norm gains, a short card saying which teacher it needs): never the teacher's weights. Returns the
-        commit URL. To publish the merged student instead: `transformers_red.push_compressed(red, repo, merge=True)`.
+        and norm gains, a short card saying which teacher it needs, `base_model_relation: adapter`, and the
+        teacher's licence unless `license` is given): never the teacher's weights. Returns the commit URL. To
+        publish the merged student instead: `transformers_red.push_compressed(red, repo, merge=True)`.
         """
         return push_adapter(self, repo_id, private=private, token=token, revision=revision,
-                            commit_message=commit_message, api=api)
+                            commit_message=commit_message, api=api, license=license)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, is_trainable: bool = False, *,
@@ -467,7 +469,8 @@ def calibrate_channels(model: nn.Module, config: RedAdapterConfig, calibration_d
 
     `config` must be resolved for `model` (`RedAdapterConfig.resolved_for`). Returns the sorted channel indices
     (length d_S), which `RedAdapterConfig(channel_indices=...)` accepts: a multi-process trainer computes them once
-    and gives them to every rank.
+    and gives them to every rank. Records on `config` the texts and tokens really used (`calibration_num_texts`,
+    `calibration_num_tokens`).
     """
     if calibration_data is None:
         raise ValueError(f"init={config.init!r} with norm_init={config.norm_init!r} selects channels from "
@@ -478,4 +481,6 @@ def calibrate_channels(model: nn.Module, config: RedAdapterConfig, calibration_d
                                      max_length=config.calibration_max_length,
                                      batch_size=config.calibration_batch_size, seed=config.calibration_seed,
                                      show_progress_bar=show_progress_bar)
+    # what was really used (fewer texts than calibration_num_samples when the data is short): the card says it
+    config.calibration_num_texts, config.calibration_num_tokens = stats.num_sequences, stats.num_tokens
     return select_channels(stats.scores, config.student_hidden_size).tolist()

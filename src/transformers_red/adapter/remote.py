@@ -4,6 +4,7 @@ teacher's weights) and resolve a repo id to a local folder for `RedModel.from_pr
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -11,8 +12,12 @@ from typing import Any
 
 from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, TAGS
 
+logger = logging.getLogger(__name__)
+
 ADAPTER_FILES = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, "README.md")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # user/name
+# card fields a derivative inherits from its teacher's card (a Llama or Gemma derivative must carry its licence)
+INHERITED_CARD_FIELDS = ("license", "license_name", "license_link", "language")
 _SCAN_CHUNK = 1 << 24
 
 
@@ -57,12 +62,58 @@ def adapter_folder(path_or_repo_id: str | os.PathLike, *, revision: str | None =
         raise OSError(f"Cannot download the adapter {path!r}{f' at {revision}' if revision else ''}: {err}") from err
 
 
-def _adapter_card(red: Any, repo_id: str) -> str:
+def hub_base_model(teacher: str | None) -> str | None:
+    """`teacher` when it names a Hub repo (user/name, not a local path): what a card may give as `base_model`."""
+    if teacher and HUB_ID.match(teacher) and not re.search(r"\.\.|--", teacher) and not os.path.exists(teacher):
+        return teacher
+    return None
+
+
+def teacher_card_metadata(teacher: str | None, *, api: Any = None, token: str | None = None) -> dict[str, Any]:
+    """What a derivative's card inherits from its teacher's card: `license` (with `license_name` /
+    `license_link` for `license: other`) and `language`, from README.md in the teacher's folder or, for a repo id,
+    the local Hub cache; with `api` (an `HfApi`) a repo id's card is downloaded when not cached. {} when there is
+    no card or it records none of them; a failed download is logged, never raised (the card then says less)."""
+    path = os.fspath(teacher) if teacher else None
+    if not path:
+        return {}
+    readme = os.path.join(path, "README.md") if os.path.isdir(path) else None
+    if readme is None and hub_base_model(path):
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "README.md")
+        readme = cached if isinstance(cached, str) else None
+        if readme is None and api is not None:
+            try:
+                readme = hf_hub_download(path, "README.md", endpoint=api.endpoint, token=token or api.token)
+            except Exception as err:  # gated, missing, offline: the card goes without the inherited fields
+                logger.info("Could not read %s's model card (%s: %s); its license is not inherited.", path,
+                            type(err).__name__, err)
+    if readme is None or not os.path.isfile(readme):
+        return {}
+    from huggingface_hub import ModelCard
+
+    try:
+        data = ModelCard.load(readme, ignore_metadata_errors=True).data.to_dict()
+    except Exception as err:  # a card without front matter or with broken YAML
+        logger.info("Could not parse %s (%s); nothing is inherited from it.", readme, err)
+        return {}
+    return {key: data[key] for key in INHERITED_CARD_FIELDS if data.get(key)}
+
+
+def _adapter_card(red: Any, repo_id: str, license: str | None = None) -> str:
+    from huggingface_hub import ModelCardData
+
     config = red.red_config
     teacher = config.teacher_name_or_path or "its teacher"
-    base = f"base_model: {teacher}\n" if teacher and HUB_ID.match(teacher) and not os.path.exists(teacher) else ""
-    tags = "".join(f"- {t}\n" for t in TAGS)
-    return (f"---\n{base}library_name: transformers_red\ntags:\n{tags}---\n\n# {repo_id}\n\n"
+    base = hub_base_model(config.teacher_name_or_path)
+    inherited = teacher_card_metadata(config.teacher_name_or_path)
+    if license:  # an explicit licence replaces the teacher's (and its name / link)
+        inherited = {"license": license, **({"language": inherited["language"]} if "language" in inherited else {})}
+    # not a PEFT adapter (no adapter_config.json): base_model_relation says what it is, library_name how to load it
+    data = ModelCardData(base_model=base, library_name="transformers_red", tags=list(TAGS), **inherited,
+                         **({"base_model_relation": "adapter"} if base else {}))
+    return (f"---\n{data.to_yaml()}\n---\n\n# {repo_id}\n\n"
             f"A RED adapter (arXiv:2605.29327) that runs `{teacher}` at width {config.teacher_hidden_size} -> "
             f"{config.student_hidden_size} (init `{config.init}`, model type `{config.model_type}`). It holds the "
             "trainable projections and norm gains only: load it onto the same teacher (checked by config "
@@ -75,19 +126,22 @@ def _adapter_card(red: Any, repo_id: str) -> str:
 
 def push_adapter(red: Any, repo_id: str, *, private: bool = False, token: str | None = None,
                  revision: str | None = None, commit_message: str = "Upload RED adapter",
-                 api: Any = None) -> str:
-    """Upload `red`'s adapter (`red_adapter_config.json`, `red_adapter_model.safetensors`, a short card) to
-    `repo_id`; return the commit URL. The token is checked not to appear in any uploaded file."""
+                 api: Any = None, license: str | None = None) -> str:
+    """Upload `red`'s adapter (`red_adapter_config.json`, `red_adapter_model.safetensors`, a short card with
+    `base_model_relation: adapter` and the teacher's licence unless `license` is given) to `repo_id`; return the
+    commit URL. The token is checked not to appear in any uploaded file."""
     from huggingface_hub import HfApi
     from huggingface_hub.utils import validate_repo_id
 
     validate_repo_id(repo_id)
     api = api or HfApi(token=token)
     secret = upload_token(token, api)
+    if license is None:  # the teacher's card, fetched into the Hub cache where _adapter_card reads it
+        teacher_card_metadata(red.red_config.teacher_name_or_path, api=api, token=token)
     with tempfile.TemporaryDirectory(prefix="red-adapter-") as tmp:
         red.save_pretrained(tmp)
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-            f.write(_adapter_card(red, repo_id))
+            f.write(_adapter_card(red, repo_id, license))
         for name in ADAPTER_FILES:
             if secret and file_contains(os.path.join(tmp, name), secret.encode()):
                 raise ValueError(f"The adapter's {name} contains the Hub token; nothing was uploaded.")

@@ -44,6 +44,8 @@ def _script_arguments_class():
         num_eval_samples: int | None = field(default=None, metadata={
             "help": "Evaluate on the first N rows of the test split only (default: every row)."})
         dataset_seed: int = field(default=0, metadata={"help": "Seed of generated datasets."})
+        license: str | None = field(default=None, metadata={
+            "help": "Licence for the model card (with --push_to_hub); default: the teacher card's."})
 
     return DistillScriptArguments
 
@@ -153,6 +155,8 @@ def run_distill(argv: Sequence[str] | None = None) -> Any:
     trainer = RedDistillationTrainer(model=teacher, args=config, train_dataset=train_dataset,
                                      eval_dataset=eval_dataset, processing_class=tokenizer)
     print(trainer.training_data_summary_line(), flush=True)
+    if script.license:
+        trainer.card_kwargs = {"license": script.license}
     trainer.train(resume_from_checkpoint=_resume_flag(config.resume_from_checkpoint))
     trainer.save_model(config.output_dir)
     summary = trainer.red_summary()

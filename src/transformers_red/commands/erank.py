@@ -8,7 +8,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from ..evaluation.lm_eval import (
+from ..evaluation.erank import (
     compare_erank,
     format_erank_table,
     load_texts,

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(normalise_flags(argv))
     from ..evaluation.inspection import build_report, format_report
-    from ..resources import builtin_texts
+    from ..resources.texts import builtin_texts
 
     for name in ("eval_texts", "calibration_samples", "max_length"):
         if getattr(args, name) <= 0:

@@ -7,7 +7,7 @@ import json
 import pathlib
 from collections.abc import Sequence
 
-from ..hub import HubPushError, build_model_card, check_student_folder, push_compressed
+from ..hub import HubPushError, build_model_card, check_student_folder, measure_student_speed, push_compressed
 from . import SUBCOMMANDS
 from .flags import normalise_flags
 
@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "or an `eval --output` file, for the card's model-index.")
     parser.add_argument("--datasets", nargs="*", default=None, help="Training dataset ids for the card.")
     parser.add_argument("--erank_text", default=None, help="What the eRank was measured on (for the card).")
+    parser.add_argument("--license", default=None,
+                        help="Licence id for the card, e.g. apache-2.0 (default: the teacher card's).")
+    parser.add_argument("--language", nargs="*", default=None, help="Language codes for the card (default: the "
+                                                                    "teacher card's).")
+    parser.add_argument("--measure_speed", action="store_true",
+                        help="Measure generation tokens/s of the student and the teacher here (loads both) and put "
+                             "them on the card.")
     parser.add_argument("--commit_message", default="Upload RED-compressed student")
     parser.add_argument("--dry_run", action="store_true", help="Check the folder and print the card; no upload.")
     parser.add_argument("--timeout", type=float, default=60.0,
@@ -63,14 +70,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"error: {args.eval_results} has no 'eval_results' list (write it with "
                              "`transformers-red eval ... --eval_results FILE`).")
         results = results["eval_results"]
-    kwargs = dict(teacher_name_or_path=args.teacher, datasets=args.datasets, erank_text=args.erank_text)
+    kwargs = dict(teacher_name_or_path=args.teacher, datasets=args.datasets, erank_text=args.erank_text,
+                  license=args.license, language=args.language)
     try:
         if args.dry_run:
             check_student_folder(args.folder, args.allow_plain_model)
+            if args.measure_speed:
+                kwargs["speed"] = measure_student_speed(args.folder, args.teacher)
             print(build_model_card(args.folder, eval_results=results, model_name=args.repo_id, **kwargs))
             return 0
         url = push_compressed(args.folder, args.repo_id, private=args.private, commit_message=args.commit_message,
-                              eval_results=results, allow_plain_model=args.allow_plain_model, **kwargs)
+                              eval_results=results, allow_plain_model=args.allow_plain_model,
+                              measure_speed=args.measure_speed, **kwargs)
     except (ValueError, HubPushError) as err:
         raise SystemExit(f"error: {err}") from err
     print(f"pushed {args.folder} to {url}")

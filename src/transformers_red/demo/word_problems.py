@@ -1,6 +1,6 @@
 """Multi-step arithmetic word problems in English, with a controllable number of reasoning steps K.
 
-The task the real-LLM reasoning teacher (:mod:`transformers_red.demo.smollm2_reasoner`) is fine-tuned on. A
+The task the real-LLM reasoning teacher (:mod:`transformers_red.resources.smollm2`) is fine-tuned on. A
 person starts with some objects and then K events change the count (finds / buys / loses / gives away /
 doubles ...); the question asks for the final count. The worked answer writes one equation per event, each
 starting from the previous line's result, and ends with a GSM8K-style final line ``#### N``::

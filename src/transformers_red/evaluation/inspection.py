@@ -17,6 +17,7 @@ from ..adapter.calibrate import collect_activation_stats, select_channels
 from ..adapter.config import RedAdapterConfig
 from ..adapter.model import get_red_model
 from .erank import layerwise_effective_rank, projection_spectra
+from .footprint import kv_cache_bytes_per_token
 from .perplexity import perplexity
 
 
@@ -32,6 +33,13 @@ def _num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _footprint(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters, weight bytes (tied weights once) and KV cache bytes per token of a loaded model."""
+    return {"parameters": _num_params(model),
+            "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model.config, model.dtype)}
+
+
 def _spectrum_summary(red: Any) -> dict[str, float]:
     spectra = projection_spectra(red).values()
     return {"min_singular_value": min(s["min"] for s in spectra), "max_singular_value": max(s["max"] for s in spectra),
@@ -45,7 +53,7 @@ def build_report(teacher: torch.nn.Module, tokenizer: Any, config: RedAdapterCon
     d_s = config.resolved_for(teacher).student_hidden_size
     measure = {"max_length": max_length}
     report: dict[str, Any] = {
-        "teacher": {"class": type(teacher).__name__, **_shape(teacher.config), "parameters": _num_params(teacher),
+        "teacher": {"class": type(teacher).__name__, **_shape(teacher.config), **_footprint(teacher),
                     "perplexity": perplexity(teacher, eval_texts, tokenizer, **measure),
                     "erank": layerwise_effective_rank(teacher, eval_texts, tokenizer, **measure)},
         "students": {},
@@ -64,7 +72,7 @@ def build_report(teacher: torch.nn.Module, tokenizer: Any, config: RedAdapterCon
         try:
             merged = red.merge_and_unload()
             report["students"][init] = {
-                **_shape(merged.config), "parameters": _num_params(merged),
+                **_shape(merged.config), **_footprint(merged),
                 "trainable_parameters": red.get_nb_trainable_parameters()[0],
                 "perplexity": perplexity(red, eval_texts, tokenizer, **measure),
                 "erank": layerwise_effective_rank(red, eval_texts, tokenizer, **measure),
@@ -88,13 +96,17 @@ def format_report(report: dict[str, Any]) -> str:
                 "intermediate_size", "vocab_size", "tie_word_embeddings"):
         lines.append(row(key, [str(c[key]) for c in columns]))
     lines.append(row("parameters", [f"{c['parameters']:,}" for c in columns]))
+    lines.append(row("weights (MB)", [f"{c['weight_bytes'] / 1e6:.2f}" for c in columns]))
+    lines.append(row("KV cache/token (B)", [f"{c['kv_cache_bytes_per_token']:,}" for c in columns]))
     lines.append(row("trainable parameters", ["-"] + [f"{s['trainable_parameters']:,}" for s in students.values()]))
     lines.append(row("perplexity (step 0)", [f"{c['perplexity']:.2f}" for c in columns]))
     erank = [c["erank"] for c in columns]
     lines.append(row("mean eRank", [f"{statistics.fmean(e):.2f}" for e in erank]))
     lines.append(row("min eRank", [f"{min(e):.2f}" for e in erank]))
     ch = report["channels"]
-    lines += ["", f"Selected channels: {ch['count']} of {teacher['hidden_size']} (first {ch['first']}), "
+    lines += ["", "KV cache per token = 2 x layers x KV heads x head_dim x bytes: RED narrows only the residual "
+              "stream, so it is the teacher's.",
+              f"Selected channels: {ch['count']} of {teacher['hidden_size']} (first {ch['first']}), "
               f"{100 * ch['score_mass_kept']:.1f}% of the RED score mass, from {ch['calibration_texts']} texts / "
               f"{ch['calibration_tokens']} tokens.", "", "Per-layer eRank (0 = embedding output):",
               row("layer", names)]

@@ -1,4 +1,4 @@
-"""Step 5 of the pipeline (part): benchmark a compressed student with lm-evaluation-harness, and compare eRanks.
+"""Step 5 of the pipeline (part): benchmark a compressed student with lm-evaluation-harness.
 
 * :func:`evaluate_compressed` runs `lm_eval.simple_evaluate` on an in-memory model or a saved folder and turns
   the scores into `huggingface_hub.EvalResult` objects for the model card.
@@ -7,8 +7,7 @@
   filters), `red_chain_sum` (multi-step arithmetic, same protocol) and `red_pydoc_mc` (0-shot 4-way
   multiple choice, acc / acc_norm); the tag `red_offline` selects all three. Where a hub is reachable,
   lm-eval's own tasks (`gsm8k`, `arc_challenge`, ...) are passed through by name.
-* `transformers-red eval` and `transformers-red erank` (`transformers_red.commands.eval` / `.erank`) call
-  these functions.
+* `transformers-red eval` (`transformers_red.commands.eval`) calls these functions.
 
 lm-eval is an optional dependency (`pip install "transformers_red[eval]"`), imported only when needed.
 """
@@ -23,7 +22,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from ..loading import load_model, read_paragraphs
+from ..loading import load_model
 
 TASKS_DIR = pathlib.Path(__file__).resolve().parent / "tasks"
 DATA_DIR = TASKS_DIR / "data"
@@ -38,13 +37,9 @@ __all__ = [
     "OFFLINE_TASKS",
     "TASKS_DIR",
     "EvaluationResult",
-    "compare_erank",
     "eval_results_from_lm_eval",
     "evaluate_compressed",
     "export_tasks",
-    "format_erank_table",
-    "load_texts",
-    "plot_erank",
     "results_table",
 ]
 
@@ -366,90 +361,6 @@ def evaluate_compressed(model_or_path: Any, tokenizer: Any = None, tasks: str | 
     results = dict(results)
     eval_results = eval_results_from_lm_eval(results, limit=limit, include_subtasks=include_subtasks)
     return EvaluationResult(results=results, eval_results=eval_results, table=results_table(eval_results))
-
-
-# --------------------------------------------------------------------------------------------- eRank
-def load_texts(source: str, n: int | None = None) -> list[str]:
-    """Texts for eRank: 'builtin' (pydoc paragraphs), 'reasoning' (reasoning-gym GSM-style worked problems),
-    or a UTF-8 text file whose paragraphs are separated by blank lines."""
-    from ..resources import builtin_texts, reasoning_texts
-
-    if source == "builtin":
-        texts = builtin_texts()
-    elif source == "reasoning":
-        texts = reasoning_texts(n or 64)
-    else:
-        if not pathlib.Path(source).is_file():
-            raise FileNotFoundError(f"Text source {source!r} is neither a file nor 'builtin' / 'reasoning'.")
-        texts = read_paragraphs(source)
-    return texts[:n] if n is not None else texts
-
-
-def compare_erank(models: Sequence[Any], texts: Sequence[str], labels: Sequence[str] | None = None, *,
-                  max_length: int = 512, max_tokens: int = 4096, batch_size: int = 4,
-                  dtype: Any = None, device: str | None = None) -> dict[str, list[float]]:
-    """label -> per-layer eRank (embedding output, then every layer) of each model on the same texts.
-
-    `models` items are names / folders (loaded one at a time with :func:`transformers_red.loading.load_model`, then
-    released) or (model, tokenizer) pairs.
-    """
-    from .erank import layerwise_effective_rank
-
-    labels = list(labels) if labels else [_label(m, i) for i, m in enumerate(models)]
-    if len(labels) != len(models):
-        raise ValueError(f"{len(labels)} labels for {len(models)} models.")
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"Labels must be distinct, got {labels}.")
-    out = {}
-    for label, item in zip(labels, models):
-        model, tokenizer = item if isinstance(item, tuple) else load_model(item, dtype=dtype)
-        if device is not None:
-            model = model.to(device)
-        out[label] = layerwise_effective_rank(model, list(texts), tokenizer, max_length=max_length,
-                                              max_tokens=max_tokens, batch_size=batch_size)
-        del model
-    return out
-
-
-def _label(item: Any, index: int) -> str:
-    if isinstance(item, (str, os.PathLike)):
-        name = os.fspath(item).rstrip("/\\")
-        return os.path.basename(name) or name
-    return f"model{index}"
-
-
-def format_erank_table(eranks: dict[str, list[float]]) -> str:
-    """Layer x model table of eRank values ('emb' = embedding output, then layers 1..L), with the means."""
-    labels = list(eranks)
-    depth = max(len(v) for v in eranks.values())
-    header = ["layer", *labels]
-    rows = [["emb" if i == 0 else str(i), *(f"{eranks[m][i]:.2f}" if i < len(eranks[m]) else "" for m in labels)]
-            for i in range(depth)]
-    rows.append(["mean", *(f"{sum(v) / len(v):.2f}" for v in eranks.values())])
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
-
-
-def plot_erank(eranks: dict[str, list[float]], path: str | os.PathLike, title: str | None = None) -> pathlib.Path:
-    """Line plot of per-layer eRank, one line per model, saved as an image (PNG by suffix). Needs matplotlib."""
-    from ..plots import new_figure, save_figure
-
-    fig = new_figure(figsize=(7, 4), dpi=120)
-    from matplotlib.ticker import MaxNLocator
-
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ax = fig.add_subplot()
-    for label, values in eranks.items():
-        ax.plot(range(len(values)), values, marker="o", markersize=3, label=label)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("layer (0 = embedding output)")
-    ax.set_ylabel("effective rank")
-    ax.set_title(title or "Per-layer effective rank of hidden states")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, TrainerState
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import TrainOutput
 
-from ..adapter.merge import outside_zero3_init, student_config, tied_parameter_names
+from ..adapter.merge import outside_zero3_init, record_summary, student_config, tied_parameter_names
 from ..constants import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -49,6 +49,10 @@ _LOW_DISK_BYTES = 256 * 2**20  # a failed save with less free space than this is
 
 class RedSavingMixin:
     """Checkpoints, resume, export and push of a `RedDistillationTrainer` (see the module docstring)."""
+
+    # `build_model_card` arguments for every card this trainer writes or pushes (license, language, ...), under
+    # those given to push_to_hub / create_model_card: how `transformers-red distill --license` reaches the card
+    card_kwargs: dict[str, Any] | None = None
 
     def _get_output_dir(self, trial):
         staging = getattr(self, "_staging_dir", None)
@@ -239,6 +243,8 @@ class RedSavingMixin:
         staging = os.path.join(output_dir, ".staging-student")
         shutil.rmtree(staging, ignore_errors=True)
         student = student if student is not None else self.merged_student()
+        summary = self.red_summary()
+        record_summary(student, summary)  # config.json carries it too: the student keeps it however it is re-saved
         student.save_pretrained(staging)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(staging)
@@ -246,7 +252,7 @@ class RedSavingMixin:
             self._erank_callback.write(staging)
         files = {name: os.path.getsize(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
         with open(os.path.join(staging, STUDENT_SUMMARY_NAME), "w", encoding="utf-8") as f:
-            json.dump({**self.red_summary(), "files": files}, f, indent=2)
+            json.dump({**summary, "files": files}, f, indent=2)
         marker = os.path.join(output_dir, EXPORT_INCOMPLETE_NAME)
         with open(marker, "w", encoding="utf-8") as f:
             f.write("an export is being moved into this folder; if this file stays, re-run trainer.save_model()\n")
@@ -280,21 +286,19 @@ class RedSavingMixin:
                     **kwargs: Any) -> str | None:
         """Push the merged student (what `save_model` writes) with a RED model card to `args.hub_model_id`.
 
-        Trainer's own push_to_hub would upload `output_dir`, which holds adapter checkpoints. `kwargs` go to
-        `transformers_red.hub.push_compressed` (eval_results, datasets, erank_text, teacher_name_or_path).
+        Trainer's own push_to_hub would upload `output_dir`, which holds adapter checkpoints. Trainer's and TRL's
+        card arguments are honoured (`license`, `language`, `finetuned_from`, `tags`, `dataset_name`,
+        `dataset_tags`: `transformers_red.card.trainer_card_kwargs`), then `card_kwargs` (set by
+        `transformers-red distill`) fill what they leave out; the rest go to `transformers_red.hub.push_compressed`
+        (eval_results, datasets, erank_text, teacher_name_or_path, measure_speed).
         """
+        from ..card import trainer_card_kwargs
         from ..hub import push_compressed
 
         if revision is not None or not blocking:
             raise ValueError("RedDistillationTrainer.push_to_hub uploads the merged student to the main branch and "
                              "waits for it; for anything else call transformers_red.hub.push_compressed.")
-        dataset_name = kwargs.pop("dataset_name", None) or kwargs.pop("dataset", None)
-        if dataset_name and "datasets" not in kwargs:  # TRL's scripts: trainer.push_to_hub(dataset_name=...)
-            kwargs["datasets"] = [dataset_name] if isinstance(dataset_name, str) else list(dataset_name)
-        if kwargs.get("tags") is not None:
-            kwargs["tags"] = [kwargs["tags"]] if isinstance(kwargs["tags"], str) else list(kwargs["tags"])
-        for key in ("model_name", "finetuned_from", "language", "license", "tasks", "dataset_tags", "dataset_args"):
-            kwargs.pop(key, None)  # the repo id names the model; the RED card says what it was made from
+        kwargs = {**(self.card_kwargs or {}), **trainer_card_kwargs(kwargs)}
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id or os.path.basename(
             os.path.abspath(self.args.output_dir))
@@ -309,21 +313,22 @@ class RedSavingMixin:
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None, **kwargs: Any) -> None:
-        """Write the RED card (teacher, widths, init, loss settings, steps, tokens, eRank) as README.md in
-        `output_dir`, in place of TRL's generic card (which TRL writes at every checkpoint)."""
+        """Write the RED card (teacher, widths, init, loss settings, steps, tokens, eRank, what the width buys) as
+        README.md in `output_dir`, in place of TRL's generic card (which TRL writes at every checkpoint). Trainer's
+        card arguments (`license`, `language`, `finetuned_from`, ...) are honoured as in `push_to_hub`."""
         if not self.is_world_process_zero():
             return
-        from ..hub import build_model_card
+        from ..card import build_model_card, trainer_card_kwargs
 
         config = student_config(self._teacher_config, self._adapter_config.student_hidden_size).to_dict()
         erank = None
         if self._erank_callback is not None and self._erank_callback.teacher is not None:
             erank = {"teacher": self._erank_callback.teacher, "history": self._erank_callback.history}
+        card_kwargs = {**(self.card_kwargs or {}), **trainer_card_kwargs(
+            {**kwargs, "dataset_name": dataset_name, "tags": tags})}
         card = build_model_card(config, red_summary=self.red_summary(), erank=erank,
-                                datasets=[dataset_name] if isinstance(dataset_name, str) else dataset_name,
-                                tags=[tags] if isinstance(tags, str) else tags,
                                 model_name=model_name or self.args.hub_model_id or
-                                os.path.basename(os.path.abspath(self.args.output_dir)))
+                                os.path.basename(os.path.abspath(self.args.output_dir)), **card_kwargs)
         os.makedirs(self.args.output_dir, exist_ok=True)
         card.save(os.path.join(self.args.output_dir, "README.md"))
 

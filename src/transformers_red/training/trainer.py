@@ -320,7 +320,7 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
             if isinstance(dataset, list):
                 return dataset[: args.erank_num_samples]
             return self._texts(dataset, args, args.erank_num_samples, tokenizer)
-        from ..resources import builtin_texts
+        from ..resources.texts import builtin_texts
 
         self._erank_source = "Python documentation paragraphs, transformers_red.resources.builtin_texts"
         return builtin_texts()[-args.erank_num_samples:]
