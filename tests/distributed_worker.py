@@ -134,6 +134,11 @@ def main() -> None:
     weights = args.train == "weights"
     # every rank: collectives under FSDP2 and ZeRO-3
     state = trainer._full_student_state() if weights else trainer.red_model.adapter_state_dict()
+    config = trainer._adapter_config
+    counts = [[config.calibration_num_texts, config.calibration_num_tokens]]
+    if torch.distributed.is_initialized():  # what each rank would write on its card
+        counts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(counts, [config.calibration_num_texts, config.calibration_num_tokens])
     if trainer.is_world_process_zero():
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         result = {"world_size": trainer.accelerator.num_processes, "losses": losses, "out": args.out,
@@ -143,6 +148,7 @@ def main() -> None:
                                      if type(p.data).__name__ == "DTensor"}),
                   "model_class": type(trainer.model_wrapped).__name__,
                   "channels": None if weights else trainer.red_model.channel_indices.tolist(),
+                  "calibration_counts": counts,
                   "clone_scales": {"|".join(k): v for k, v in (trainer._clone.scales or {}).items()},
                   "erank_steps": [r["step"] for r in trainer._erank_callback.history],
                   "state": {k: v.float().tolist() for k, v in state.items()}}

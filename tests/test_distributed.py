@@ -119,6 +119,9 @@ def _run_fsdp2(out, *flags: str) -> dict:
 
 def _assert_same_run(one: dict, two: dict, bound: float = 1e-5) -> None:
     assert one["channels"] == two["channels"] and one["clone_scales"] == two["clone_scales"]
+    # every rank records what rank 0 calibrated on (its card's provenance)
+    assert all(c == one["calibration_counts"][0] for c in two["calibration_counts"])
+    assert one["channels"] is None or one["calibration_counts"][0][0] > 0
     assert one["losses"] == pytest.approx(two["losses"], rel=1e-6, abs=0)
     assert two["erank_steps"] == one["erank_steps"] == [0, 2, 3]
     assert _max_difference(one["state"], two["state"]) <= bound

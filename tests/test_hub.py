@@ -120,6 +120,10 @@ def test_card_from_trainer_folder(student_folder):
                                   "num_tokens": summary["adapter"]["calibration_num_tokens"]}
     assert red["distillation"]["temperature"] == summary["distillation"]["temperature"]
     assert red["distillation"]["kd_weight"] == summary["distillation"]["kd_weight"]
+    # the card, the summary and the resume identity read one list of loss settings
+    from transformers_red.constants import LOSS_SETTINGS
+
+    assert set(red["distillation"]) == set(LOSS_SETTINGS) <= set(summary["distillation"])
     assert red["global_step"] == 2 and red["tokens_trained"] == summary["tokens_trained"] > 0
     last = erank["history"][-1]
     assert red["erank"]["student_mean"] == round(last["mean"], 4)

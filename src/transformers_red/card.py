@@ -22,6 +22,7 @@ from .constants import (
     CONFIG_SUMMARY_KEY,
     ERANK_NAME,
     LEGACY_SUMMARY_NAME,
+    LOSS_SETTINGS,
     PAPER_CITATION,
     PAPER_ID,
     STUDENT_SUMMARY_NAME,
@@ -187,8 +188,7 @@ def build_model_card(student_folder_or_model: Any, *, teacher_name_or_path: str 
            "init": adapter.get("init"), "norm_init": adapter.get("norm_init"),
            "share_projections": adapter.get("share_projections"),
            "calibration": calibration if any(v is not None for v in calibration.values()) else None,
-           "distillation": {k: loss[k] for k in ("temperature", "beta", "ce_weight", "kd_weight", "clone_weight",
-                                                 "clone_terms") if k in loss},
+           "distillation": {k: loss[k] for k in LOSS_SETTINGS if k in loss},
            "global_step": red_summary.get("global_step"), "tokens_trained": red_summary.get("tokens_trained"),
            "erank": _erank_summary(erank, erank_text or red_summary.get("erank_source")),
            "library": "transformers_red", "library_version": library_version or __version__}

@@ -15,15 +15,12 @@ from typing import Any
 
 from safetensors import safe_open
 
-from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, STUDENT_WEIGHTS_NAME
+from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LOSS_SETTINGS, STUDENT_WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
 RUN_STATE_NAME = "red_run.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-# RedConfig fields that define what is trained; a resume must not change them
-LOSS_FIELDS = ("train", "temperature", "beta", "ce_weight", "kd_weight", "clone_weight", "clone_terms",
-               "clone_output_space", "clone_normalization")
 ADAPTER_FIELDS = ("init", "init_std", "norm_init", "share_projections", "seed", "teacher_hidden_size",
                   "student_hidden_size", "channel_indices", "model_type", "teacher_config_fingerprint")
 
@@ -31,8 +28,8 @@ ADAPTER_FIELDS = ("init", "init_std", "norm_init", "share_projections", "seed", 
 def run_identity(args: Any, adapter_config: Any, teacher_digest: str) -> dict[str, Any]:
     """What a resume must not change: the loss settings, the adapter (init, widths, channels) and the teacher."""
     adapter = adapter_config.to_dict()
-    return {"loss": {k: getattr(args, k) for k in LOSS_FIELDS}, "adapter": {k: adapter.get(k) for k in ADAPTER_FIELDS},
-            "teacher_weights_digest": teacher_digest}
+    return {"loss": {k: getattr(args, k) for k in LOSS_SETTINGS},
+            "adapter": {k: adapter.get(k) for k in ADAPTER_FIELDS}, "teacher_weights_digest": teacher_digest}
 
 
 def write_run_state(folder: str, identity: dict[str, Any], tokens_trained: int) -> None:

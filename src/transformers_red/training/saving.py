@@ -30,6 +30,7 @@ from ..constants import (
     ERANK_NAME,
     EXPORT_INCOMPLETE_NAME,
     LEGACY_SUMMARY_NAME,
+    LOSS_SETTINGS,
     STUDENT_SUMMARY_NAME,
     STUDENT_WEIGHTS_NAME,
 )
@@ -270,8 +271,7 @@ class RedSavingMixin:
     def red_summary(self) -> dict[str, Any]:
         """What the saved student's `red_summary.json` records: adapter, loss and training amount."""
         config, args = self._adapter_config, self.args
-        keys = ("train", "temperature", "beta", "ce_weight", "kd_weight", "clone_weight", "clone_terms",
-                "clone_output_space", "clone_normalization", "learning_rate", "max_length", "seed")
+        keys = (*LOSS_SETTINGS, "learning_rate", "max_length", "seed")
         erank_source = None
         if self._erank_callback is not None:
             erank_source = f"{len(self._erank_callback.texts)} held-out texts ({self._erank_source})"

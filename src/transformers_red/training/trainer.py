@@ -272,8 +272,14 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
             config.calibration_source = source
         if config.needs_calibration and is_distributed():
             # one calibration, on global rank 0: every rank must train the same channels
-            config.channel_indices = from_main_process(lambda: calibrate_channels(
-                teacher, config.resolved_for(teacher), calibration, tokenizer, not args.disable_tqdm))
+            def calibrate() -> tuple:
+                resolved = config.resolved_for(teacher)
+                channels = calibrate_channels(teacher, resolved, calibration, tokenizer, not args.disable_tqdm)
+                return channels, resolved.calibration_num_texts, resolved.calibration_num_tokens
+
+            # the counts travel with the channels, so every rank's card records what rank 0 calibrated on
+            (config.channel_indices, config.calibration_num_texts,
+             config.calibration_num_tokens) = from_main_process(calibrate)
         # the progress bar follows disable_tqdm, and only the main process draws one
         return get_red_model(teacher, config, calibration, tokenizer,
                              show_progress_bar=not args.disable_tqdm and args.process_index == 0)
