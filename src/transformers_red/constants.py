@@ -17,7 +17,7 @@ PAPER_CITATION = textwrap.dedent(f"""\
 # The RedConfig fields that define what is distilled and how: the one list the run identity (a resume must not
 # change them), the saved summary and the model card read. A new loss setting is added here, and nowhere else.
 LOSS_SETTINGS = ("train", "temperature", "beta", "ce_weight", "kd_weight", "clone_weight", "clone_terms",
-                 "clone_output_space", "clone_normalization")
+                 "clone_output_space", "clone_normalization", "lmbda", "max_new_tokens")
 
 # Hub tags of a published student (TRL adds "trl" to a trainer's own)
 TAGS = ["transformers_red", "red", "distillation", "width-pruning"]

@@ -97,6 +97,12 @@ class RedConfig(SFTConfig):
                 "and a float32 sum of their gradients during the step; one process or DDP, not DeepSpeed/FSDP); "
                 "'per_forward' in every forward; 'auto' (default): 'per_step' when gradient_accumulation_steps > 1 "
                 "without DeepSpeed/FSDP, else 'per_forward'."})
+    lmbda: float = field(default=0.0, metadata={
+        "help": "Share of micro-batches on which the student samples its own completions of the prompts, which the "
+                "teacher then scores (on-policy distillation, TRL's GKD lmbda): 0 off-policy (default), 1 every "
+                "batch. Needs prompt/completion data; sampling at `temperature`, no cross entropy on sampled tokens."})
+    max_new_tokens: int = field(default=128, metadata={
+        "help": "Most tokens the student samples per completion when lmbda > 0 (TRL's GKD max_new_tokens)."})
     loss_chunk_size: int = field(default=1024, metadata={
         "help": "Tokens per chunk of the logit losses (bounds float32 (chunk, V) temporaries)."})
     disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the teacher and student."})
@@ -155,6 +161,13 @@ class RedConfig(SFTConfig):
             problems.append(f"unknown clone_terms {sorted(unknown)}; choose from {list(CLONE_TERMS)}")
         problems += [f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}"
                      for name, allowed in CHOICES.items() if getattr(self, name) not in allowed]
+        if not 0 <= self.lmbda <= 1:
+            problems.append(f"lmbda (share of on-policy batches) must be in [0, 1], got {self.lmbda}")
+        if self.max_new_tokens <= 0:
+            problems.append(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.lmbda > 0 and self.packing:
+            problems.append("on-policy distillation (lmbda > 0) samples completions of each row's prompt, which "
+                            "packed rows no longer have: use packing=False with lmbda > 0")
         if self.loss_chunk_size <= 0:
             problems.append(f"loss_chunk_size must be > 0, got {self.loss_chunk_size}")
         problems += _unsupported_sft_settings(self)

@@ -42,11 +42,12 @@ from .losses import (
     hidden_state_logit_loss,
     shift_labels,
 )
+from .on_policy import ON_POLICY_KEY, OnPolicyMixin
 from .placement import place_on_training_device, training_autocast
 from .saving import RedSavingMixin
 
 
-class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
+class RedDistillationTrainer(RedSavingMixin, OnPolicyMixin, SFTTrainer):
     """Distil a RED (or LRC) student from a teacher on a text dataset.
 
     `args.train` chooses what is trained: "projections" (RED / LRC, the default) or "weights" (prune and
@@ -82,7 +83,7 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
             raise TypeError(f"args must be a RedConfig, got {type(args).__name__}.")
         self._check_dataset(train_dataset, args, "train_dataset")
         self._given_train_rows = len(train_dataset) if hasattr(train_dataset, "__len__") else None
-        self._refuse_unsupported(args, eval_dataset, kwargs)
+        self._refuse_unsupported(args, train_dataset, eval_dataset, kwargs)
         name = model if isinstance(model, str) else args.teacher_model_name_or_path if model is None else None
         if model is None and name is None:
             raise ValueError("Give the teacher: RedDistillationTrainer(model=teacher_or_path, ...) or "
@@ -150,6 +151,10 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
         if args.logit_loss_from == "hidden_states" and self._trains_weights and self.accelerator.num_processes > 1:
             raise ValueError("logit_loss_from='hidden_states' with train='weights' runs the plain student's decoder "
                              "past the DDP/FSDP wrapper (no gradient sync): use 'logits' with several processes.")
+        if args.lmbda > 0 and self._uses_sharding_engine:
+            raise ValueError("On-policy distillation (lmbda > 0) merges the student to sample, which under DeepSpeed "
+                             "or FSDP would gather the whole model on every rank: use DDP (or one process), or "
+                             "lmbda=0.")
         if self.is_deepspeed_enabled and not self._trains_weights:
             register_zero3_leaf_modules(model)
         on_cpu = self.args.device.type == "cpu"
@@ -218,8 +223,12 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
 
     # ---------------------------------------------------------------------------------------- setup
     @staticmethod
-    def _refuse_unsupported(args: RedConfig, eval_dataset: Any, kwargs: dict) -> None:
+    def _refuse_unsupported(args: RedConfig, train_dataset: Any, eval_dataset: Any, kwargs: dict) -> None:
         """What RED cannot honour, refused before the teacher is calibrated (RedConfig refuses its own fields)."""
+        columns = getattr(train_dataset, "column_names", None)
+        if args.lmbda > 0 and columns is not None and "prompt" not in columns:
+            raise ValueError(f"lmbda={args.lmbda} (on-policy distillation) samples completions of prompts: give "
+                             f"prompt/completion data (TRL's 'prompt' and 'completion' columns; got {columns}).")
         if kwargs.get("peft_config") is not None:
             raise ValueError("peft_config: RED trains its own projections over the frozen teacher, and a PEFT adapter "
                              "cannot be stacked on the wrapped teacher. Distil first, then apply LoRA to the merged "
@@ -399,7 +408,9 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
         args = self.args
         labels = inputs["labels"]
         forward_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
-        losses = dict(kd_weight=args.kd_weight, ce_weight=args.ce_weight, beta=args.beta,
+        # the student's own samples are no ground truth: no cross entropy on them (the KL carries the teacher)
+        ce_weight = 0.0 if inputs.get(ON_POLICY_KEY) else args.ce_weight
+        losses = dict(kd_weight=args.kd_weight, ce_weight=ce_weight, beta=args.beta,
                       temperature=args.temperature, chunk_size=args.loss_chunk_size, workspace=self._loss_workspace)
         if args.logit_loss_from == "hidden_states" and not return_outputs:
             with self._teacher_pass() as (teacher, teacher_acts):
@@ -444,6 +455,8 @@ class RedDistillationTrainer(RedSavingMixin, SFTTrainer):
         for key, value in values.items():
             self._metrics[mode][key].append((gather(value.detach().reshape(1)).sum() / n).item())
         if mode == "train":
+            if self.args.lmbda > 0:  # the share of sampled micro-batches over the logging window
+                self._metrics[mode]["on_policy"].append(float(bool(inputs.get(ON_POLICY_KEY))))
             self._total_train_tokens += int(gather(batch_token_count(inputs).reshape(1)).sum())
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
