@@ -2,8 +2,6 @@
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -51,18 +49,31 @@ def test_missing_reasoner_says_how_to_build_it(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_fine_tune_script_smoke_resumes_and_caches_with_its_recipe(tmp_path, monkeypatch):
-    """Two steps of the real fine-tune on SmolLM2 (the cached teacher folder appears only when complete)."""
+def test_fine_tune_script_smoke_resumes_and_caches_with_its_recipe(tmp_path, monkeypatch, capsys):
+    """Three steps of the real fine-tune on SmolLM2, stopped after two and resumed (in this process: the script's
+    main); the cached teacher folder appears only when complete, and another recipe is refused."""
+    import importlib.util
+
+    import torch
+
+    from transformers_red.resources import SMOLLM2_CACHE_NAME, default_cache_dir, load_smollm2
+
+    load_smollm2()  # the session's converted SmolLM2, shared with the new cache (no second conversion)
+    (tmp_path / SMOLLM2_CACHE_NAME).symlink_to(default_cache_dir() / SMOLLM2_CACHE_NAME)
     monkeypatch.setenv("TRANSFORMERS_RED_CACHE", str(tmp_path))
-    script = [sys.executable, str(REPO / "scripts" / "train_smollm2_reasoner.py"), "--steps", "3", "--batch_size", "2",
-              "--save_every", "10", "--eval_every", "0", "--eval_per_k", "1", "--eval_max_k", "2", "--threads", "1",
-              "--output_dir", str(tmp_path / "smollm2-reasoner")]
-    first = subprocess.run([*script, "--stop_after", "2"], check=True, capture_output=True, text=True).stdout
-    assert "stopped after step 2" in first and not (tmp_path / "smollm2-reasoner").exists()
-    other = subprocess.run([*script[:3], "4", *script[4:]], capture_output=True, text=True)
-    assert other.returncode != 0 and "holds a run of another recipe" in other.stderr
-    second = subprocess.run(script, check=True, capture_output=True, text=True).stdout
-    assert "at step 2" in second and "step     3" in second
+    spec = importlib.util.spec_from_file_location("train_smollm2_reasoner",
+                                                  REPO / "scripts" / "train_smollm2_reasoner.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--steps", "3", "--batch_size", "2", "--save_every", "10", "--eval_every", "0", "--eval_per_k", "1",
+            "--eval_max_k", "2", "--threads", str(torch.get_num_threads()),
+            "--output_dir", str(tmp_path / "smollm2-reasoner")]
+    script.main([*argv, "--stop_after", "2"])
+    assert "stopped after step 2" in capsys.readouterr().out and not (tmp_path / "smollm2-reasoner").exists()
+    with pytest.raises(SystemExit, match="holds a run of another recipe"):
+        script.main([*argv[:1], "4", *argv[2:]])
+    script.main(argv)
+    assert "resumed from" in capsys.readouterr().out
     report = json.loads((tmp_path / "smollm2-reasoner" / "training_report.json").read_text())
     assert report["recipe"]["steps"] == 3 and len(report["recipe_digest"]) == 64
     assert set(report["held_out_accuracy"]) == {"1", "2"}

@@ -84,9 +84,8 @@ def check_student_folder(folder: str | os.PathLike, allow_plain_model: bool = Fa
                          "describes (missing or another size): the folder mixes two exports; re-export it.")
     if not summary and not allow_plain_model:
         raise ValueError(f"{folder} has no {STUDENT_SUMMARY_NAME}: it is a plain model (a teacher?), not a student "
-                         "exported by trainer.save_model(). Push the export folder, or pass allow_plain_model=True "
-                         "(--allow_plain_model) to publish it anyway; the card then says that nothing recorded how "
-                         "it was made.")
+                         "exported by trainer.save_model(). Push the export folder, or pass allow_plain_model=True to "
+                         "publish it anyway; the card then says that nothing recorded how it was made.")
     return folder
 
 

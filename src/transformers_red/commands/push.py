@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         url = push_compressed(args.folder, args.repo_id, private=args.private, commit_message=args.commit_message,
                               eval_results=results, allow_plain_model=args.allow_plain_model,
                               measure_speed=args.measure_speed, **kwargs)
-    except (ValueError, HubPushError) as err:
-        raise SystemExit(f"error: {err}") from err
+    except (ValueError, HubPushError) as err:  # the library names its argument; say the flag here
+        raise SystemExit(f"error: {err}".replace("pass allow_plain_model=True", "pass --allow_plain_model")) from err
     print(f"pushed {args.folder} to {url}")
     return 0

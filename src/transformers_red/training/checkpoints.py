@@ -56,8 +56,8 @@ def read_run_state(checkpoint: str, identity: dict[str, Any]) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             state = json.load(f)
     except FileNotFoundError as err:
-        raise ValueError(f"{checkpoint} has no {RUN_STATE_NAME}: it was written by transformers_red < 0.2, which did "
-                         "not record the run's settings; start a new run (its adapter can still be loaded with "
+        raise ValueError(f"{checkpoint} has no {RUN_STATE_NAME}: it was written before checkpoints recorded "
+                         "the run's settings (or the file was removed); start a new run (its adapter can still be loaded with "
                          "RedModel.from_pretrained).") from err
     except (OSError, ValueError) as err:
         raise ValueError(f"{path} is damaged ({err}); resume from an earlier checkpoint.") from err
