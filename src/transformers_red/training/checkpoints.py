@@ -57,8 +57,8 @@ def read_run_state(checkpoint: str, identity: dict[str, Any]) -> dict[str, Any]:
             state = json.load(f)
     except FileNotFoundError as err:
         raise ValueError(f"{checkpoint} has no {RUN_STATE_NAME}: it was written before checkpoints recorded "
-                         "the run's settings (or the file was removed); start a new run (its adapter can still be loaded with "
-                         "RedModel.from_pretrained).") from err
+                         "the run's settings (or the file was removed); start a new run (its adapter can still be "
+                         "loaded with RedModel.from_pretrained).") from err
     except (OSError, ValueError) as err:
         raise ValueError(f"{path} is damaged ({err}); resume from an earlier checkpoint.") from err
     differences = _differences(json.loads(json.dumps(state.get("identity"), default=list)),

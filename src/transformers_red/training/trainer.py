@@ -10,8 +10,6 @@ plain student (both in `saving.py`, the `RedSavingMixin` base).
 from __future__ import annotations
 
 import contextlib
-import itertools
-import math
 from typing import Any
 
 import torch
@@ -26,7 +24,7 @@ from ..adapter.calibrate import materialise_batches
 from ..adapter.config import teacher_weights_digest
 from ..adapter.model import RedModel, calibrate_channels, get_red_model
 from ..constants import PAPER_CITATION, PAPER_ID, PAPER_TITLE, TAGS
-from ..data import batch_token_count, dataset_token_count, position_ids_from_mask
+from ..data import batch_token_count, position_ids_from_mask
 from ..loading import load_model
 from .callbacks import ERankCallback
 from .checkpoints import last_complete_checkpoint, run_identity
@@ -44,6 +42,7 @@ from .losses import (
 )
 from .on_policy import ON_POLICY_KEY, OnPolicyMixin
 from .placement import place_on_training_device, training_autocast
+from .rows import check_dataset, first_texts, training_data_summary
 from .saving import RedSavingMixin
 
 
@@ -81,7 +80,7 @@ class RedDistillationTrainer(RedSavingMixin, OnPolicyMixin, SFTTrainer):
         args = args if args is not None else RedConfig(output_dir="red-student")
         if not isinstance(args, RedConfig):
             raise TypeError(f"args must be a RedConfig, got {type(args).__name__}.")
-        self._check_dataset(train_dataset, args, "train_dataset")
+        check_dataset(train_dataset, args, "train_dataset")
         self._given_train_rows = len(train_dataset) if hasattr(train_dataset, "__len__") else None
         self._refuse_unsupported(args, train_dataset, eval_dataset, kwargs)
         name = model if isinstance(model, str) else args.teacher_model_name_or_path if model is None else None
@@ -173,27 +172,7 @@ class RedDistillationTrainer(RedSavingMixin, OnPolicyMixin, SFTTrainer):
     def training_data_summary_line(self) -> str:
         """What the run will train on, said before it starts: rows, tokens after TRL's tokenisation, truncation to
         `max_length` and packing, and the steps that covers."""
-        rows = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None
-        tokens = dataset_token_count(self.train_dataset)
-        args = self.args
-        parts = [f"{self._given_train_rows} rows" if self._given_train_rows is not None else "a streamed dataset"]
-        given = self._given_train_rows
-        if rows is not None and given is not None and rows < given and not args.packing:
-            parts.append(f"of which {self._given_train_rows - rows} were dropped by TRL (no trained token left after "
-                         f"truncation to max_length={args.max_length})")
-        if tokens is not None:
-            parts.append(f"{tokens:,} tokens after tokenisation"
-                         + (f" and truncation to max_length={args.max_length}" if args.max_length else ""))
-        if args.packing and rows is not None:
-            parts.append(f"packed into {rows} sequences")
-        if args.max_steps > 0:
-            steps = f"{args.max_steps} steps (max_steps)"
-        elif rows is not None:
-            per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-            steps = f"{args.num_train_epochs:g} epochs of {math.ceil(rows / per_step)} steps"
-        else:
-            steps = "until the dataset ends"
-        return "Training on " + ", ".join(parts) + f": {steps}."
+        return training_data_summary(self.train_dataset, self._given_train_rows, self.args)
 
     @property
     def _uses_sharding_engine(self) -> bool:
@@ -237,28 +216,6 @@ class RedDistillationTrainer(RedSavingMixin, OnPolicyMixin, SFTTrainer):
             raise ValueError(f"eval_strategy={args.eval_strategy.value!r} needs an eval_dataset: pass "
                              "RedDistillationTrainer(eval_dataset=...) or leave eval_strategy='no'.")
 
-    @staticmethod
-    def _check_dataset(dataset: Any, args: RedConfig, what: str) -> None:
-        if dataset is None:
-            raise ValueError(f"{what} is required.")
-        if hasattr(dataset, "__len__") and len(dataset) == 0:
-            raise ValueError(f"{what} is empty: give at least one text.")
-        columns = getattr(dataset, "column_names", None)
-        usable = {args.dataset_text_field, "input_ids", "messages", "prompt", "completion"}
-        if columns is not None and not usable & set(columns):
-            raise ValueError(f"{what} has no {args.dataset_text_field!r} column (columns: {columns}). Rename the "
-                             "text column or set RedConfig(dataset_text_field=...).")
-
-    def _texts(self, dataset: Any, args: RedConfig, count: int, tokenizer: Any = None) -> list[str]:
-        """The first `count` rows of `dataset` as texts (language modelling, prompt-completion or conversational)."""
-        if hasattr(dataset, "select") and hasattr(dataset, "__len__"):
-            rows = dataset.select(range(min(count, len(dataset))))
-        elif isinstance(dataset, (list, tuple)):
-            rows = dataset[:count]
-        else:  # IterableDataset, generators: the first `count` rows
-            rows = list(itertools.islice(iter(dataset), count))
-        return [_row_text(row, args.dataset_text_field, tokenizer) for row in rows]
-
     def _calibration_texts(self, args: RedConfig, train_dataset: Any, calibration_dataset: Any,
                            tokenizer: Any) -> tuple[Any, str]:
         """The calibration data (channel statistics and clone normalisation) and a description of it; (None, "")
@@ -268,7 +225,7 @@ class RedDistillationTrainer(RedSavingMixin, OnPolicyMixin, SFTTrainer):
         config = args.adapter_config()
         if not config.needs_calibration and (args.clone_weight == 0 or args.clone_normalization == "none"):
             return None, ""
-        texts = self._texts(train_dataset, args, config.calibration_num_samples, tokenizer)
+        texts = first_texts(train_dataset, args, config.calibration_num_samples, tokenizer)
         return texts, f"first {len(texts)} texts of train_dataset"
 
     def _build_red_model(self, teacher: Any, args: RedConfig, name: str | None, calibration: Any, source: str,
@@ -334,7 +291,7 @@ class RedDistillationTrainer(RedSavingMixin, OnPolicyMixin, SFTTrainer):
             self._erank_source = "given dataset"
             if isinstance(dataset, list):
                 return dataset[: args.erank_num_samples]
-            return self._texts(dataset, args, args.erank_num_samples, tokenizer)
+            return first_texts(dataset, args, args.erank_num_samples, tokenizer)
         from ..resources.texts import builtin_texts
 
         self._erank_source = "Python documentation paragraphs, transformers_red.resources.builtin_texts"
@@ -459,31 +416,6 @@ class RedDistillationTrainer(RedSavingMixin, OnPolicyMixin, SFTTrainer):
                 self._metrics[mode]["on_policy"].append(float(bool(inputs.get(ON_POLICY_KEY))))
             self._total_train_tokens += int(gather(batch_token_count(inputs).reshape(1)).sum())
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-
-
-def _row_text(row: Any, text_field: str, tokenizer: Any) -> str:
-    """One dataset row as the text the model reads: the text field, prompt + completion, or a chat rendered with
-    the tokenizer's template (TRL's dataset formats)."""
-    if not isinstance(row, dict):
-        return row
-    if text_field in row:
-        return row[text_field]
-    if "messages" in row:
-        return _render(row["messages"], tokenizer)
-    if "prompt" in row:
-        return _render(row["prompt"], tokenizer) + _render(row.get("completion", ""), tokenizer)
-    if "input_ids" in row:  # pre-tokenised: the text these ids spell (calibration and eRank read texts)
-        return tokenizer.decode(list(row["input_ids"]))
-    raise ValueError(f"Cannot read a text from a row with keys {sorted(row)}: give a {text_field!r} column, "
-                     "prompt/completion columns or a messages column.")
-
-
-def _render(part: Any, tokenizer: Any) -> str:
-    if isinstance(part, str):
-        return part
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("Conversational data needs a tokenizer with a chat template (processing_class).")
-    return tokenizer.apply_chat_template(part, tokenize=False)
 
 
 @torch.no_grad()
