@@ -77,6 +77,9 @@ def _teacher_arguments(config: Any, model_args: Any) -> tuple[str, dict]:
         raise SystemExit("error: --use_peft: RED trains its own projections over the frozen teacher, so LoRA cannot "
                          "be stacked on it. Distil first, then fine-tune the merged student with LoRA (trl sft "
                          "--use_peft on the output folder).")
+    if getattr(model_args, "trust_remote_code", False):  # a ModelConfig field in some TRL releases
+        raise SystemExit("error: --trust_remote_code: transformers_red loads teachers of the supported "
+                         "architectures with their transformers classes only, and never runs remote code.")
     if model_args.load_in_4bit or model_args.load_in_8bit:
         raise SystemExit("error: --load_in_4bit / --load_in_8bit: RED forms the student from the teacher's weights, "
                          "which quantised layers do not expose; load the teacher in bfloat16 (--dtype bfloat16).")
