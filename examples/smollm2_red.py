@@ -32,7 +32,8 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 
 from transformers_red import RedConfig, RedDistillationTrainer  # noqa: E402
-from transformers_red.evaluation.lm_eval import compare_erank, evaluate_compressed, format_erank_table  # noqa: E402
+from transformers_red.evaluation.erank import compare_erank, format_erank_table  # noqa: E402
+from transformers_red.evaluation.lm_eval import evaluate_compressed  # noqa: E402
 from transformers_red.evaluation.perplexity import perplexity  # noqa: E402
 from transformers_red.records import update_marked_section  # noqa: E402
 from transformers_red.resources import builtin_texts, load_smollm2, reasoning_texts  # noqa: E402
@@ -116,7 +117,7 @@ def format_results(report: dict) -> str:
 
 
 def plot(report: dict, output_dir: str) -> None:
-    from transformers_red.evaluation.lm_eval import plot_erank
+    from transformers_red.evaluation.erank import plot_erank
     from transformers_red.plots import new_figure, save_figure
 
     plot_erank(report["erank"], os.path.join(output_dir, "erank.png"), title="SmolLM2-135M: eRank per layer")

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from transformers_red import RedAdapterConfig, RedConfig, RedDistillationTrainer, get_red_model
 from transformers_red.resources import builtin_texts, tiny_teacher
 from transformers_red.training.losses import LogitLossWorkspace, fused_logit_loss, logit_loss_sums, masked_mse_sum
+from transformers_red.training.rows import first_texts
 
 
 @pytest.fixture(scope="module")
@@ -366,7 +367,7 @@ def test_prompt_completion_data_calibrates_on_whole_rows_and_trains_on_completio
     dataset = datasets.Dataset.from_dict({"prompt": prompts, "completion": completions})
     trainer = make_trainer(tmp_path, dataset, tokenizer, trained_teacher(), max_steps=1, shuffle_dataset=False)
     assert trainer.red_model.red_config.calibration_source == "first 8 texts of train_dataset"
-    assert trainer._texts(dataset, trainer.args, 2, tokenizer) == [prompts[0] + completions[0],
+    assert first_texts(dataset, trainer.args, 2, tokenizer) == [prompts[0] + completions[0],
                                                                   prompts[1] + completions[1]]
     batch = next(iter(trainer.get_train_dataloader()))
     for ids, labels in zip(batch["input_ids"], batch["labels"]):
