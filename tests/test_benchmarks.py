@@ -177,3 +177,21 @@ def test_reasoner_arms_benchmark_smoke_every_arm_resumes_and_rerenders(tmp_path)
     doc.write_text("# results\n")
     bench.main(["--from_json", str(out), "--update_doc", str(doc)])
     assert "<!-- reasoner_arms:begin -->" in doc.read_text() and "prune and distil" in doc.read_text()
+
+
+def test_on_policy_benchmark_smoke_every_arm_and_rerender(tmp_path):
+    """benchmarks/on_policy.py at 2 steps on the packaged chain teacher: every arm measured, with teacher tokens and
+    rollout time, and the tables re-rendered from the JSON into a doc section."""
+    bench = load_benchmark("on_policy")
+    out = tmp_path / "on_policy"
+    bench.main(["--steps", "2", "--measure_every", "2", "--problems_per_k", "1", "--train_samples", "32",
+                "--batch_size", "4", "--max_new_tokens", "8", "--output_dir", str(out)])
+    report = json.loads((out / "results.json").read_text())
+    assert list(report["arms"]) == list(bench.ARMS)
+    for arm, run in report["arms"].items():
+        (record,) = run["records"]
+        assert record["step"] == 2 and record["teacher_tokens"] > 0 and len(record["accuracy"]) == 7, arm
+        assert (record["rollout_seconds"] > 0) == (run["overrides"]["lmbda"] == 1.0) or arm == "mixed_red", arm
+    doc = tmp_path / "results.md"
+    bench.main(["--from_json", str(out / "results.json"), "--update_doc", str(doc)])
+    assert "<!-- on_policy:begin -->" in doc.read_text() and "At equal teacher-forward tokens" in doc.read_text()

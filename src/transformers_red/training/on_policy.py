@@ -16,6 +16,7 @@ samples its own share (its process index is in the seed).
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 import torch
@@ -135,7 +136,10 @@ def sample_completions(student: Any, prompts: torch.Tensor, prompt_mask: torch.T
 
 class OnPolicyMixin:
     """The rollouts of `RedDistillationTrainer` (a base before `SFTTrainer`): with `lmbda > 0`, the on-policy
-    micro-batches of each optimizer step are replaced by the student's samples before the step's first forward."""
+    micro-batches of each optimizer step are replaced by the student's samples before the step's first forward.
+    `rollout_seconds` adds up the time spent sampling."""
+
+    rollout_seconds = 0.0
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
         """Trainer's micro-batches of one optimizer step; with `lmbda > 0` the on-policy ones replaced by the
@@ -152,6 +156,7 @@ class OnPolicyMixin:
         chosen = [i for i in range(len(batches)) if is_on_policy(args.lmbda, args.seed, step, i)]
         if not chosen:
             return batches
+        started = time.perf_counter()
         student = self.merged_student()  # W_T @ P formed once for the whole step's rollouts
         tokenizer = self.processing_class
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else student.config.eos_token_id
@@ -167,4 +172,5 @@ class OnPolicyMixin:
             out[i] = {**sample_completions(student, prompts, mask, seeds, max_new_tokens=args.max_new_tokens,
                                            temperature=args.temperature, eos_id=eos, pad_id=pad),
                       ON_POLICY_KEY: True}
+        self.rollout_seconds += time.perf_counter() - started
         return out
