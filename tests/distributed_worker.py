@@ -24,7 +24,7 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from testing_utils import make_teacher  # noqa: E402
+from testing_utils import end_worker_process, make_teacher  # noqa: E402
 
 from transformers_red import RedConfig, RedDistillationTrainer  # noqa: E402
 from transformers_red.resources import builtin_texts, byte_tokenizer  # noqa: E402
@@ -158,6 +158,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # rank 0 may still be writing its result
-        torch.distributed.destroy_process_group()
+    end_worker_process()

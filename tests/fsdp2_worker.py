@@ -24,7 +24,14 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from testing_utils import SHARDING_BATCH, distillation_loss, make_teacher, sharding_adapter_config, trainable_gradients  # noqa: E402
+from testing_utils import (  # noqa: E402
+    SHARDING_BATCH,
+    distillation_loss,
+    end_worker_process,
+    make_teacher,
+    sharding_adapter_config,
+    trainable_gradients,
+)
 
 from transformers_red import get_red_model  # noqa: E402
 from transformers_red.training.distributed import whole_parameters  # noqa: E402
@@ -77,3 +84,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_worker_process()

@@ -119,3 +119,21 @@ def trainable_gradients(red, full=lambda p: p.grad) -> dict:
     """Adapter key -> the gradient of each projection and norm gain, as `full(parameter)` gives it whole."""
     return {f"{kind}.{key}": full(p) for kind, store in (("projections", red.red_projections),
                                                          ("norms", red.red_norms)) for key, p in store.items()}
+
+
+def end_worker_process() -> None:
+    """End a torchrun worker once its result is written: wait for every rank, destroy the process groups, then leave
+    without interpreter finalisation. Gloo's C++ worker threads can still hold work objects at exit, and tearing the
+    interpreter down under them aborts the process now and then ("terminate called without an active exception",
+    SIGABRT on one rank after a successful run), which the launcher reports as a failed run."""
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 may still be writing its result
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

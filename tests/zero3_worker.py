@@ -25,7 +25,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from testing_utils import SHARDING_BATCH, distillation_loss, make_teacher, sharding_adapter_config, trainable_gradients  # noqa: E402
+from testing_utils import (  # noqa: E402
+    SHARDING_BATCH,
+    distillation_loss,
+    end_worker_process,
+    make_teacher,
+    sharding_adapter_config,
+    trainable_gradients,
+)
 
 from transformers_red import get_red_model  # noqa: E402
 from transformers_red.training.distributed import register_zero3_leaf_modules, whole_parameters  # noqa: E402
@@ -90,3 +97,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_worker_process()
