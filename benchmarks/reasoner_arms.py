@@ -21,7 +21,8 @@ compare arms at equal steps and at equal training time. Results are written afte
 spread over sessions. Tables, plots and the docs section come from the JSON alone:
 
     python benchmarks/reasoner_arms.py --width_ratio 0.5 --arms red lrc random_t1 prune_distil --steps 100
-    python benchmarks/reasoner_arms.py --from_json docs/assets/reasoner_arms --update_doc docs/results.md
+    python benchmarks/reasoner_arms.py --from_json docs/assets/reasoner_arms docs/assets/reasoner_arms_200 \
+        --update_doc docs/results.md
     python benchmarks/reasoner_arms.py --teacher tiny --steps 2 --problems_per_k 2 ...   # the CI smoke run
 """
 
@@ -280,7 +281,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--output_dir", default="reasoner-arms")
     p.add_argument("--rerun", action="store_true", help="redo arms already in results.json")
-    p.add_argument("--from_json", default=None, help="a folder of width_*/results.json: re-render only")
+    p.add_argument("--from_json", nargs="+", default=None,
+                   help="folders of width_*/results.json (runs of other settings side by side): re-render only")
     p.add_argument("--update_doc", default=None, help="markdown file whose reasoner_arms section to replace")
     return p.parse_args(argv)
 
@@ -288,7 +290,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        folders = sorted(Path(args.from_json).glob("width_*"))
+        folders = [folder for root in args.from_json for folder in sorted(Path(root).glob("width_*"))]
         for folder in folders:
             print(write_outputs(json.loads((folder / "results.json").read_text()), folder))
         if args.update_doc:

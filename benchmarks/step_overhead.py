@@ -15,14 +15,15 @@ tokens (built-in English texts, labels = input_ids, no padding):
       uses. Then one `torch.autograd.backward(formed, fixed_random_grads)` into the projections, and the
       projection grads are cleared. No loss, no elementwise products: only the forming matmuls and their
       backward matmuls.
-  (c) RED step: `trainer.training_step(trainer.model, inputs, num_items_in_batch)` then
+  (c) RED step from (B, T, V) logits (`RedConfig(logit_loss_from="logits", loss_chunk_size=1024)`, the default
+      until 2026-12-08): `trainer.training_step(trainer.model, inputs, num_items_in_batch)` then
       `trainer.optimizer.step(); trainer.optimizer.zero_grad()` (optimizer from `trainer.create_optimizer()`),
       i.e. teacher pass (same weights, adapter disabled, clone modules captured), student pass (captured),
       fused KL + CE (`fused_logit_loss`), clone MSE, backward, AdamW over the projections and norm gains.
       Not included: gradient clipping, LR scheduler, data loading, logging (the rest of Trainer's inner loop).
-  (h) the same RED step with `RedConfig(logit_loss_from="hidden_states")` (a second trainer over the same
-      RedModel, its own optimizer): logit losses from the final hidden states and head weights, chunk by chunk,
-      no (B, T, V) tensor.
+  (h) the same RED step at today's default logit path, `RedConfig(logit_loss_from="hidden_states")` with the
+      automatic chunk (a second trainer over the same RedModel, its own optimizer): logit losses from the final
+      hidden states and head weights, chunk by chunk, no (B, T, V) tensor.
   (f) the RED step of (c) with `RedConfig(form_student_weights="per_forward")` (a third trainer): with
       `--grad-accum N` > 1, (c) forms the student weights once per optimizer step (the default) and (f) once per
       micro-batch, so (c) / (f) is what per-step forming saves. Without accumulation the two are the same step.
@@ -424,7 +425,7 @@ def run_model(name: str, args) -> dict:
         trainer.create_optimizer()
         return trainer
 
-    trainer = red_trainer(red)
+    trainer = red_trainer(red, logit_loss_from="logits", loss_chunk_size=1024)
     wanted = set(args.phases)
     phases = {}  # in the order of ALL_PHASES
     if "a" in wanted:
@@ -443,7 +444,8 @@ def run_model(name: str, args) -> dict:
         phases["h"], _ = make_trainer_step(trainer_h, batch, args.grad_accum)
     trainer_f = None
     if "f" in wanted:
-        trainer_f = red_trainer(red, form_student_weights="per_forward")
+        trainer_f = red_trainer(red, form_student_weights="per_forward", logit_loss_from="logits",
+                                loss_chunk_size=1024)
         phases["f"], _ = make_trainer_step(trainer_f, batch, args.grad_accum)
     if "g" in wanted:
         gkd_student = red.merge_and_unload().to(device)

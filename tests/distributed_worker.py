@@ -67,6 +67,21 @@ def run_deepspeed_on_cpu_processes() -> None:
     PartialState._prepare_backend = _prepare_backend
 
 
+def record_samples() -> list:
+    """Every sampled batch of this process (input ids), recorded by wrapping the trainer's sampling function."""
+    from transformers_red.training import on_policy
+
+    samples, original = [], on_policy.sample_completions
+
+    def recorded(*args, **kwargs):
+        batch = original(*args, **kwargs)
+        samples.append(batch["input_ids"].tolist())
+        return batch
+
+    on_policy.sample_completions = recorded
+    return samples
+
+
 def main() -> None:
     faulthandler.dump_traceback_later(300, exit=True)  # a hung collective prints every rank's stack, then exits
     parser = argparse.ArgumentParser()
@@ -83,6 +98,8 @@ def main() -> None:
     parser.add_argument("--train", default="projections", help="RedConfig.train ('weights': the pruned baseline)")
     parser.add_argument("--bf16", action="store_true", help="mixed precision (FSDP2: its bf16 MixedPrecisionPolicy)")
     parser.add_argument("--clone_output_space", default="student")
+    parser.add_argument("--lmbda", type=float, default=0.0,
+                        help="on-policy share (prompt/completion data; every rank writes OUT/samples_rank<r>.json)")
     parser.add_argument("--zero_init", action="store_true",
                         help="ZeRO-3: load the teacher partitioned (from_pretrained under the DeepSpeed config)")
     args = parser.parse_args()
@@ -113,7 +130,7 @@ def main() -> None:
                        erank_steps=2, erank_num_samples=4, lr_scheduler_type="constant",
                        logit_loss_from=args.logit_loss_from, activation_checkpointing=args.activation_checkpointing,
                        form_student_weights=args.form_student_weights, clone_output_space=args.clone_output_space,
-                       bf16=args.bf16, train=args.train,
+                       bf16=args.bf16, train=args.train, lmbda=args.lmbda, max_new_tokens=6,
                        **extra)
     if args.zero_init:  # as accelerate's zero3_init_flag: the RedConfig's DeepSpeed config makes from_pretrained
         # partition the teacher while loading it
@@ -126,8 +143,11 @@ def main() -> None:
             torch.distributed.barrier()
         teacher = AutoModelForCausalLM.from_pretrained(source).eval()
     partitioned_teacher = all(hasattr(p, "ds_id") for p in teacher.parameters())
-    trainer = RedDistillationTrainer(model=teacher, args=config,
-                                     train_dataset=datasets.Dataset.from_dict({"text": builtin_texts(32)}),
+    texts = builtin_texts(32)
+    data = ({"prompt": [t[:20] for t in texts], "completion": [t[20:32] for t in texts]} if args.lmbda
+            else {"text": texts})
+    samples = record_samples() if args.lmbda else []
+    trainer = RedDistillationTrainer(model=teacher, args=config, train_dataset=datasets.Dataset.from_dict(data),
                                      processing_class=byte_tokenizer())
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     trainer.save_model(os.path.join(args.out, "student"))
@@ -139,6 +159,15 @@ def main() -> None:
     if torch.distributed.is_initialized():  # what each rank would write on its card
         counts = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(counts, [config.calibration_num_texts, config.calibration_num_tokens])
+    checksums = [sorted((k, float(v.double().abs().sum())) for k, v in state.items())]
+    if torch.distributed.is_initialized():  # what each rank holds after the run (DDP keeps them equal)
+        checksums = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(checksums, sorted((k, float(v.double().abs().sum()))
+                                                              for k, v in state.items()))
+    if args.lmbda:
+        with open(os.path.join(args.out, f"samples_rank{trainer.args.process_index}.json"), "w",
+                  encoding="utf-8") as f:
+            json.dump(samples, f)
     if trainer.is_world_process_zero():
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         result = {"world_size": trainer.accelerator.num_processes, "losses": losses, "out": args.out,
@@ -151,6 +180,7 @@ def main() -> None:
                   "calibration_counts": counts,
                   "clone_scales": {"|".join(k): v for k, v in (trainer._clone.scales or {}).items()},
                   "erank_steps": [r["step"] for r in trainer._erank_callback.history],
+                  "rank_checksums": checksums, "rollout_seconds": trainer.rollout_seconds,
                   "state": {k: v.float().tolist() for k, v in state.items()}}
         with open(os.path.join(args.out, "result.json"), "w", encoding="utf-8") as f:
             json.dump(result, f)

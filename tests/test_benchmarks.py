@@ -96,9 +96,11 @@ def test_collapse_alarm_separation_counts_and_threshold_choice():
 
 def test_loss_memory_benchmark_runs(capsys):
     bench = load_benchmark("loss_memory")
-    assert bench.main(["--lengths", "8", "--vocab", "300", "--width", "8", "--chunk", "4"]) == 0
+    assert bench.main(["--shapes", "2x8", "--vocab", "300", "--width", "8", "--max_gb", "1"]) == 0
     table = capsys.readouterr().out
-    assert "| logits | 2 x 8 |" in table and "| hidden_states | 2 x 8 |" in table
+    for label in bench.LABELS.values():
+        assert f"| {label} | 2 x 8 |" in table
+    assert "| logits, chunk 1024 (old default) | 2 x 8 | 1024 | 0 |" in table  # 2 x 8 x 300 x 4 B
 
 
 def test_gpu_suite_tiny_cpu_run_writes_results(tmp_path):

@@ -93,6 +93,21 @@ def test_ddp_hidden_state_loss_with_activation_checkpointing_equals_one_process(
     assert _max_difference(logits_path["state"], two["state"]) <= 1e-4
 
 
+def test_ddp_on_policy_each_rank_samples_its_own_share(tmp_path):
+    """On-policy RED (lmbda=1) on 2 DDP processes: each rank samples completions of its own prompts with its own
+    seeds (functions of seed, step, rank and row), the projections stay equal on both ranks after the steps, and a
+    second run samples and trains exactly the same (the sampling RNG is not the global one)."""
+    two = _run("distributed_worker.py", tmp_path / "two", "--lmbda", "1.0", processes=2)
+    samples = [json.loads((tmp_path / "two" / f"samples_rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(samples[0]) == len(samples[1]) == 3  # one rollout per step on each rank
+    assert all(a != b for a, b in zip(*samples))  # each rank's own share
+    assert two["rank_checksums"][0] == two["rank_checksums"][1]  # DDP kept the projections in sync
+    assert two["rollout_seconds"] > 0 and all(torch.isfinite(torch.tensor(two["losses"])))
+    again = _run("distributed_worker.py", tmp_path / "again", "--lmbda", "1.0", processes=2)
+    assert [json.loads((tmp_path / "again" / f"samples_rank{r}.json").read_text()) for r in (0, 1)] == samples
+    assert again["losses"] == two["losses"] and _max_difference(again["state"], two["state"]) == 0
+
+
 @pytest.mark.parametrize("flags", [(), ("--logit_loss_from", "hidden_states", "--activation_checkpointing")],
                          ids=["logits", "hidden-states-checkpointed"])
 def test_ddp_with_accumulation_forms_weights_once_per_step(tmp_path, flags):

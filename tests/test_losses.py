@@ -108,3 +108,91 @@ def test_gradient_accumulation_from_hidden_states_1x8_equals_8x1(tmp_path, token
         results.append(trainer.red_model.adapter_state_dict())
     for key, value in results[0].items():
         torch.testing.assert_close(results[1][key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens, width, vocab, chunk", [
+    (4 * 512, 64, 152064, 64),  # tiny width, large vocabulary: the lower bound
+    (8 * 2048, 2048, 128256, 512),  # Llama-3 8B at half width: 261.6 tokens -> the next power of two
+    (8 * 2048, 4096, 32000, 1024),  # more than the upper bound
+    (16, 8, 300, 64),
+])
+def test_automatic_chunk_is_tokens_times_width_over_vocab_as_a_bounded_power_of_two(tokens, width, vocab, chunk):
+    from transformers_red.training.losses import auto_loss_chunk_size
+
+    assert auto_loss_chunk_size(tokens, width, vocab) == chunk
+
+
+def _biased_head_teacher():
+    from transformers_red.resources import tiny_teacher
+
+    teacher = tiny_teacher("llama", tie_word_embeddings=False)
+    with torch.no_grad():
+        teacher.lm_head.bias = torch.nn.Parameter(0.1 * torch.randn(teacher.config.vocab_size))
+    return teacher
+
+
+def test_default_logit_path_is_hidden_states_and_logits_where_it_cannot_apply(tmp_path, tokenizer):
+    """logit_loss_from='auto' (the default) takes the path without (B, T, V) tensors; an LM head with a bias (the
+    hidden-state path does not add it) falls back to the logits, and asking for hidden_states there is refused
+    before any step."""
+    import datasets
+    from testing_utils import make_red_trainer
+
+    from transformers_red.resources import builtin_texts, tiny_teacher
+
+    data = datasets.Dataset.from_dict({"text": builtin_texts(16)})
+    plain = make_red_trainer(tmp_path / "plain", data, tokenizer, tiny_teacher("llama"), max_steps=1)
+    assert plain.args.logit_loss_from == "auto" and plain.args.loss_chunk_size is None
+    assert plain.logit_loss_from == "hidden_states"
+    biased = make_red_trainer(tmp_path / "biased", data, tokenizer, _biased_head_teacher(), max_steps=1)
+    assert biased.logit_loss_from == "logits"
+    biased.train()  # the fallback trains, with the bias in its logits
+    assert torch.isfinite(torch.tensor(biased.state.log_history[-1]["train_loss"]))
+    with pytest.raises(ValueError, match="the LM head has a bias"):
+        make_red_trainer(tmp_path / "refused", data, tokenizer, _biased_head_teacher(), max_steps=1,
+                         logit_loss_from="hidden_states")
+
+
+def test_default_steps_equal_the_old_default_logits_path(tmp_path, tokenizer):
+    """The defaults (hidden states, automatic chunk) train the same projections as the old default (logits, chunk
+    1024): SGD, 3 steps, float32 sums in another order (1e-5)."""
+    import datasets
+    from testing_utils import make_red_trainer, make_teacher
+
+    from transformers_red.resources import builtin_texts
+
+    data = datasets.Dataset.from_dict({"text": builtin_texts(32)})
+    runs = []
+    for name, settings in (("old", {"logit_loss_from": "logits", "loss_chunk_size": 1024}), ("new", {})):
+        trainer = make_red_trainer(tmp_path / name, data, tokenizer, make_teacher("llama", True, {}), max_steps=3,
+                                   optim="sgd", learning_rate=0.5, **settings)
+        trainer.train()
+        runs.append(([h["loss"] for h in trainer.state.log_history if "loss" in h],
+                     {k: v.detach().clone() for k, v in trainer.red_model.adapter_state_dict().items()}))
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-5)
+    for key, value in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_hidden_state_divergence_equals_trls_chunked_divergence(beta, tau):
+    """The divergence part of the hidden-state loss against TRL's own chunked divergence (the kernel of
+    `trl.DistillationTrainer`, TRL >= 1.12; CPU reference path): the same per-token generalised JSD / KL from hidden
+    states and heads, summed over trained tokens, and the same gradients into the student's hidden states and head.
+    RED keeps its own loss because it fuses the student and teacher cross entropies into the same pass."""
+    chunked = pytest.importorskip("trl.kernels.chunked_divergence", reason="TRL < 1.12 has no chunked divergence")
+    (h_s, w_s, h_t, w_t), labels = inputs(dtype=torch.float32)
+    total, sums = hidden_state_logit_loss(h_s, w_s, h_t, w_t, labels, kd_weight=1.0, ce_weight=0.0, beta=beta,
+                                          temperature=tau, chunk_size=5)
+    total.backward()
+    ours = (h_s.grad.clone(), w_s.grad.clone())
+    h_s.grad = w_s.grad = None
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1).reshape(-1)
+    valid = targets != IGNORE_INDEX
+    divergence, _ = chunked.ChunkedDivergenceFunction.apply(
+        h_s.reshape(-1, h_s.shape[-1])[valid], w_s, None, h_t.reshape(-1, h_t.shape[-1])[valid], w_t, None, beta, tau)
+    divergence.sum().backward()
+    torch.testing.assert_close(sums[0], divergence.sum().detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[0], h_s.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours[1], w_s.grad, rtol=1e-4, atol=1e-6)

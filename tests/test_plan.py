@@ -51,7 +51,7 @@ def test_tiny_llama_parameter_parts_by_hand(tie):
     trainable = (layers * 7 + (1 if tie else 2)) * d_t * d_s + (layers * 2 + 1) * d_s
     assert (teacher, trainable) == ((78144, 30880) if tie else (94528, 32928))
     plan = estimate_memory(config, width_ratio=0.5, dtype="bf16", micro_batch_size=2, seq_len=16,
-                           loss_chunk_size=8)
+                           loss_chunk_size=8, logit_loss_from="logits")
     parts = plan.components
     assert (plan.teacher_parameters, plan.trainable_parameters) == (teacher, trainable)
     assert parts["teacher weights"] == 2 * teacher
@@ -103,7 +103,7 @@ def test_activations_do_not_depend_on_the_number_of_gpus():
 # ----------------------------------------------------------------------------------------- activations, logits
 def test_hidden_states_logit_path_shrinks_the_logit_buffers():
     config = llama_3b_config()
-    logits = estimate_memory(config, micro_batch_size=8, seq_len=2048, loss_chunk_size=1024)
+    logits = estimate_memory(config, micro_batch_size=8, seq_len=2048, loss_chunk_size=1024, logit_loss_from="logits")
     hidden = estimate_memory(config, micro_batch_size=8, seq_len=2048, loss_chunk_size=1024,
                              logit_loss_from="hidden_states")
     tokens, vocab = 8 * 2048, 128256
@@ -112,10 +112,15 @@ def test_hidden_states_logit_path_shrinks_the_logit_buffers():
                                                   + (tokens + vocab) * 1536 * 4)
     assert hidden.components["logit buffers"] < logits.components["logit buffers"] / 3
     # no (B, T, V) tensor: a longer batch adds d_T / d_S-wide tensors only
-    longer = estimate_memory(config, micro_batch_size=16, seq_len=2048, logit_loss_from="hidden_states")
+    longer = estimate_memory(config, micro_batch_size=16, seq_len=2048, loss_chunk_size=1024,
+                             logit_loss_from="hidden_states")
     assert longer.components["logit buffers"] - hidden.components["logit buffers"] == tokens * (3072 * 2 + 1536 * 4)
     for name in set(logits.components) - {"logit buffers"}:
         assert hidden.components[name] == logits.components[name]
+    # the defaults are the trainer's: the hidden-state path, the chunk about tokens x d_S / V (196 -> 256)
+    default = estimate_memory(config, micro_batch_size=8, seq_len=2048)
+    assert (default.logit_loss_from, default.loss_chunk_size) == ("hidden_states", 256)
+    assert default.components["logit buffers"] == hidden.components["logit buffers"] - 768 * vocab * (2 * 2 + 16)
 
 
 def test_checkpointing_and_clone_terms_shrink_what_they_should():

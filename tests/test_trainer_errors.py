@@ -34,7 +34,7 @@ def args(tmp_path, **kwargs):
      "use_reentrant=True gives the clone term wrong gradients"),
     ({"clone_normalization": "layer"}, "clone_normalization must be one of"),
     ({"train": "both"}, "train must be one of"),
-    ({"logit_loss_from": "both"}, r"logit_loss_from must be one of \['logits', 'hidden_states'\]"),
+    ({"logit_loss_from": "both"}, r"logit_loss_from must be one of \['auto', 'logits', 'hidden_states'\]"),
     ({"form_student_weights": "never"}, "form_student_weights must be one of"),
     ({"width_ratio": 1.5}, "strictly between 0 and 1"),
     ({"target_hidden_size": 12.5}, "positive integer"),

@@ -42,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro_batch_size", type=int, dest="per_device_train_batch_size", help=argparse.SUPPRESS)
     p.add_argument("--seq_len", type=int, dest="max_length", help=argparse.SUPPRESS)
     p.add_argument("--loss_chunk_size", type=int, default=DEFAULT_LOSS_CHUNK_SIZE,
-                   help=f"RedConfig.loss_chunk_size (default {DEFAULT_LOSS_CHUNK_SIZE}).")
-    p.add_argument("--logit_loss_from", default="logits", choices=list(LOGIT_PATHS),
-                   help="RedConfig.logit_loss_from: 'hidden_states' holds no (B, T, V) tensor.")
+                   help="RedConfig.loss_chunk_size (default: chosen from V and the width, as the trainer does).")
+    p.add_argument("--logit_loss_from", default="auto", choices=list(LOGIT_PATHS),
+                   help="RedConfig.logit_loss_from (default auto = hidden_states: no (B, T, V) tensor).")
     p.add_argument("--clone_terms", nargs="*", default=list(CLONE_TERMS),
                    help="RedConfig.clone_terms (none: clone_weight=0); default all.")
     p.add_argument("--activation_checkpointing", action="store_true", help="Recompute student layers in backward.")

@@ -21,7 +21,7 @@ CHOICES = {
     "train": TRAIN_TARGETS,
     "clone_output_space": ("student", "teacher"),
     "clone_normalization": tuple(CLONE_NORMALIZATIONS),
-    "logit_loss_from": ("logits", "hidden_states"),
+    "logit_loss_from": ("auto", "logits", "hidden_states"),
     "form_student_weights": FORMING_MODES,
 }
 
@@ -86,10 +86,13 @@ class RedConfig(SFTConfig):
         "help": "'teacher_mean_square': each module's clone MSE divided by its target's mean square on the "
                 "calibration texts, averaged over layers (scale-free; default). 'none': the paper's plain MSE "
                 "summed over layers."})
-    logit_loss_from: str = field(default="logits", metadata={
-        "help": "'logits': the losses from the models' (B, T, V) logits (fused, one extra (B, T, V) gradient "
-                "buffer); 'hidden_states': from the final hidden states and head weights, loss_chunk_size trained "
-                "tokens at a time, so no (B, T, V) tensor is held (large vocabularies)."})
+    logit_loss_from: str = field(default="auto", metadata={
+        "help": "'hidden_states': the logit losses from the final hidden states and head weights, a chunk of trained "
+                "tokens at a time, so no (B, T, V) tensor is held; 'logits': from the models' (B, T, V) logits "
+                "(fused; the student's and teacher's logits and one gradient buffer of that size); 'auto' (default): "
+                "'hidden_states' wherever it applies, else 'logits' (an LM head with a bias, a separate "
+                "teacher_model under FSDP/DeepSpeed, train='weights' with several processes or a sharding engine). "
+                "Evaluation with prediction outputs always uses the logits."})
     form_student_weights: str = field(default="auto", metadata={
         "help": "When the student weights W_T @ P are formed: 'per_step' once per optimizer step, their gradients "
                 "accumulated over the micro-batches and sent into the projections by the last micro-batch's "
@@ -103,8 +106,10 @@ class RedConfig(SFTConfig):
                 "batch. Needs prompt/completion data; sampling at `temperature`, no cross entropy on sampled tokens."})
     max_new_tokens: int = field(default=128, metadata={
         "help": "Most tokens the student samples per completion when lmbda > 0 (TRL's GKD max_new_tokens)."})
-    loss_chunk_size: int = field(default=1024, metadata={
-        "help": "Tokens per chunk of the logit losses (bounds float32 (chunk, V) temporaries)."})
+    loss_chunk_size: int | None = field(default=None, metadata={
+        "help": "Tokens per chunk of the logit losses (bounds the float32 (chunk, V) temporaries). None (default): "
+                "chosen per batch from the vocabulary and the student width, about tokens x d_S / V (so a chunk's "
+                "logits are the size of the hidden states), a power of two in [64, 1024]."})
     disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the teacher and student."})
     keep_freed_cpu_memory: bool = field(default=False, metadata={
         "help": "When training on CPU with glibc, keep freed memory in the process instead of returning it to "
@@ -168,8 +173,9 @@ class RedConfig(SFTConfig):
         if self.lmbda > 0 and self.packing:
             problems.append("on-policy distillation (lmbda > 0) samples completions of each row's prompt, which "
                             "packed rows no longer have: use packing=False with lmbda > 0")
-        if self.loss_chunk_size <= 0:
-            problems.append(f"loss_chunk_size must be > 0, got {self.loss_chunk_size}")
+        if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
+            problems.append(f"loss_chunk_size must be > 0 (or None: chosen from V and the width), got "
+                            f"{self.loss_chunk_size}")
         problems += _unsupported_sft_settings(self)
         if self.erank_steps < 0 or self.erank_num_samples <= 0:
             problems.append("erank_steps must be >= 0 and erank_num_samples > 0")

@@ -90,6 +90,22 @@ def logit_loss_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return total
 
 
+MIN_AUTO_CHUNK = 64  # below this the head matmuls of a chunk stop amortising the read of the (V, d) head
+MAX_AUTO_CHUNK = 1024
+
+
+def auto_loss_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
+    """Tokens per chunk of the logit losses when `RedConfig.loss_chunk_size` is None (the default).
+
+    About num_tokens x hidden_size / vocab_size tokens, so a (chunk, V) float32 temporary is the size of the
+    (tokens, hidden) hidden states it comes from (the rule of Liger's fused linear cross-entropy): the logit
+    temporaries then cost no more than the activations whatever the vocabulary. Rounded up to a power of two and
+    kept within [MIN_AUTO_CHUNK, MAX_AUTO_CHUNK], the lower bound for speed, the upper one today's fixed size.
+    """
+    target = max(1, math.ceil(num_tokens * hidden_size / max(1, vocab_size)))
+    return max(MIN_AUTO_CHUNK, min(MAX_AUTO_CHUNK, 1 << (target - 1).bit_length()))
+
+
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """(B, T) labels -> (B, T) next-token targets: targets[:, t] = labels[:, t + 1], the last one ignored."""
     pad = torch.full_like(labels[:, :1], IGNORE_INDEX)

@@ -49,7 +49,10 @@ and FFN inner widths, n = norms per layer, N_T = teacher parameters, N_RED = tra
 - Logit buffers with `logit_loss_from="hidden_states"`: no (B, T, V) tensor; chunk x V x (2 b + 16) temporaries
   (student and teacher logits of a chunk, a float32 gradient and three float32 scratch blocks), the teacher's final
   hidden states B x T x d_T x b and float32 gradients of the student's final hidden states and head
-  ((B x T + V) x d_S x 4). chunk = min(loss_chunk_size, B x T).
+  ((B x T + V) x d_S x 4). chunk = min(loss_chunk_size, B x T); with loss_chunk_size=None (the default) the
+  trainer's own rule, `auto_loss_chunk_size(B x T, d_S, V)`. `logit_loss_from="auto"` (the default) is planned as
+  "hidden_states", which the trainer takes on every supported architecture (no LM-head bias) without a separate
+  teacher_model under FSDP/DeepSpeed.
 
 Not counted: the CUDA context and NCCL buffers (about 1-2 GiB per GPU), allocator fragmentation, and eager
 attention's (B, heads, T, T) scores.
@@ -66,10 +69,11 @@ import torch
 from ..adapter.architectures import CLONE_TERMS, find_in_layer, get_architecture, model_layout
 from ..adapter.config import RedAdapterConfig
 from .config import RedConfig
+from .losses import auto_loss_chunk_size
 
 ENGINES = ("ddp", "fsdp", "zero2", "zero3")
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
-LOGIT_PATHS = ("logits", "hidden_states")
+LOGIT_PATHS = ("auto", "logits", "hidden_states")
 # bytes per trainable parameter: fp32 weight, gradient, AdamW's two moments
 WEIGHT_BYTES, GRADIENT_BYTES, OPTIMIZER_BYTES = 4, 4, 8
 FP32 = 4
@@ -227,7 +231,7 @@ def _captured_width(shapes: TeacherShapes, clone_terms: tuple[str, ...], archite
 def estimate_memory(config: Any, width_ratio: float | None = 0.5, target_hidden_size: int | None = None, gpus: int = 1,
                     engine: str = "ddp", micro_batch_size: int = 8, seq_len: int = 2048, dtype: str = "bf16",
                     loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE, activation_checkpointing: bool = False,
-                    share_projections: bool = False, logit_loss_from: str = "logits",
+                    share_projections: bool = False, logit_loss_from: str = "auto",
                     clone_terms: tuple[str, ...] | list[str] = CLONE_TERMS, gradient_accumulation_steps: int = 1,
                     held_weights: bool = True) -> MemoryPlan:
     """Estimate the memory of one GPU distilling a RED student of the teacher `config` (see the module docstring).
@@ -257,7 +261,7 @@ def estimate_memory(config: Any, width_ratio: float | None = 0.5, target_hidden_
     if logit_loss_from not in LOGIT_PATHS:
         problems.append(f"logit_loss_from must be one of {list(LOGIT_PATHS)}, got {logit_loss_from!r}")
     for name, value in (("gpus", gpus), ("micro_batch_size", micro_batch_size), ("seq_len", seq_len),
-                        ("loss_chunk_size", loss_chunk_size),
+                        ("loss_chunk_size", 1 if loss_chunk_size is None else loss_chunk_size),
                         ("gradient_accumulation_steps", gradient_accumulation_steps)):
         if not isinstance(value, int) or value <= 0:
             problems.append(f"{name} must be a positive integer, got {value!r}")
@@ -292,6 +296,8 @@ def estimate_memory(config: Any, width_ratio: float | None = 0.5, target_hidden_
         all_weights = layers * shapes.student_linear_weights * d_s + vocab * d_s
         held = all_weights * FP32 + (all_weights * b - (student_weights + vocab * d_s) * b
                                      if activation_checkpointing else 0)
+    logit_loss_from = "hidden_states" if logit_loss_from == "auto" else logit_loss_from
+    loss_chunk_size = loss_chunk_size or auto_loss_chunk_size(tokens, d_s, vocab)
     chunk = min(loss_chunk_size, tokens)
     if logit_loss_from == "logits":
         logits = 3 * tokens * vocab * b + 3 * chunk * vocab * FP32

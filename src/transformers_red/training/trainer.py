@@ -35,6 +35,7 @@ from .distributed import from_main_process, is_distributed, register_zero3_leaf_
 from .losses import (
     IGNORE_INDEX,
     LogitLossWorkspace,
+    auto_loss_chunk_size,
     fused_logit_loss,
     generalized_jsd_loss,
     hidden_state_logit_loss,
@@ -110,6 +111,7 @@ class RedDistillationTrainer(RedSavingMixin, OnPolicyMixin, SFTTrainer):
                 model = self._build_red_model(model, args, name, calibration, calibration_source, processing_class)
             self._clone = self._build_clone_loss(model, args, calibration, processing_class)
         self._adapter_config = model.red_config
+        self._student_hidden_size = model.student_hidden_size  # the automatic loss chunk's width
         self._trains_weights = args.train == "weights"
         teacher = teacher_model if teacher_model is not None else model.base_model
         self._teacher_config = teacher.config
@@ -143,13 +145,7 @@ class RedDistillationTrainer(RedSavingMixin, OnPolicyMixin, SFTTrainer):
             raise ValueError(f"No training row is left after tokenisation: TRL drops rows with no trained token, and "
                              f"truncation to max_length={args.max_length} removed every completion. Raise max_length "
                              "or shorten the prompts.")
-        if args.logit_loss_from == "hidden_states" and teacher_model is not None and self._uses_sharding_engine:
-            raise ValueError("logit_loss_from='hidden_states' with a separate teacher_model reads that teacher's "
-                             "LM-head weight outside its forward, which DeepSpeed ZeRO-3 / FSDP have partitioned: use "
-                             "'logits', or let the teacher pass run on the RedModel itself (no teacher_model).")
-        if args.logit_loss_from == "hidden_states" and self._trains_weights and self.accelerator.num_processes > 1:
-            raise ValueError("logit_loss_from='hidden_states' with train='weights' runs the plain student's decoder "
-                             "past the DDP/FSDP wrapper (no gradient sync): use 'logits' with several processes.")
+        self._logit_loss_from = self._choose_logit_path(args, teacher_model)
         if args.lmbda > 0 and self._uses_sharding_engine:
             raise ValueError("On-policy distillation (lmbda > 0) merges the student to sample, which under DeepSpeed "
                              "or FSDP would gather the whole model on every rank: use DDP (or one process), or "
@@ -179,6 +175,33 @@ class RedDistillationTrainer(RedSavingMixin, OnPolicyMixin, SFTTrainer):
         """FSDP or DeepSpeed: weights or optimizer state are spread over the ranks, so gathering, merging and the
         eRank forward are collectives every rank takes part in."""
         return self.is_fsdp_enabled or self.is_deepspeed_enabled
+
+    def _choose_logit_path(self, args: RedConfig, teacher_model: Any) -> str:
+        """`RedConfig.logit_loss_from` resolved: 'auto' is 'hidden_states' (no (B, T, V) tensor) wherever that path
+        applies, else 'logits'; an explicit 'hidden_states' where it cannot apply is refused, saying why."""
+        reasons = []
+        if teacher_model is not None and self._uses_sharding_engine:
+            reasons.append("a separate teacher_model's LM-head weight would be read outside its forward, where "
+                           "DeepSpeed ZeRO-3 / FSDP have partitioned it (let the teacher pass run on the RedModel: "
+                           "no teacher_model)")
+        if self._trains_weights and (self.accelerator.num_processes > 1 or self._uses_sharding_engine):
+            reasons.append("train='weights' would run the plain student's decoder past the DDP/FSDP/DeepSpeed "
+                           "wrapper (no gradient sync, partitioned head)")
+        student = self.accelerator.unwrap_model(self.model)
+        student = student.base_model if isinstance(student, RedModel) else student
+        if _head_bias(student) is not None or (teacher_model is not None and _head_bias(teacher_model) is not None):
+            reasons.append("the LM head has a bias, which the hidden-state path does not add")
+        if args.logit_loss_from == "hidden_states" and reasons:
+            raise ValueError("logit_loss_from='hidden_states' cannot be used here: " + "; ".join(reasons)
+                             + ". Use 'auto' (it falls back to 'logits' here) or 'logits'.")
+        if args.logit_loss_from == "auto":
+            return "logits" if reasons else "hidden_states"
+        return args.logit_loss_from
+
+    @property
+    def logit_loss_from(self) -> str:
+        """The logit path this run uses: 'hidden_states' or 'logits' (`RedConfig.logit_loss_from` resolved)."""
+        return self._logit_loss_from
 
     def _forms_weights_per_step(self, args: RedConfig) -> bool:
         """Whether the student weights are formed once per optimizer step (`RedConfig.form_student_weights`)."""
@@ -342,8 +365,7 @@ class RedDistillationTrainer(RedSavingMixin, OnPolicyMixin, SFTTrainer):
         inner = self.accelerator.unwrap_model(model)
         hf_model = inner.base_model if isinstance(inner, RedModel) else inner
         head = hf_model.get_output_embeddings()
-        base_head = getattr(head, "base_layer", None)
-        if getattr(head, "bias", None) is not None or getattr(base_head, "bias", None) is not None:
+        if _head_bias(hf_model) is not None:
             raise ValueError("logit_loss_from='hidden_states' needs an LM head without a bias; use 'logits'.")
         softcap = getattr(hf_model.config, "final_logit_softcapping", None)
         if isinstance(inner, RedModel):  # through the DDP/FSDP/DeepSpeed wrapper, so its hooks run
@@ -367,9 +389,11 @@ class RedDistillationTrainer(RedSavingMixin, OnPolicyMixin, SFTTrainer):
         forward_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
         # the student's own samples are no ground truth: no cross entropy on them (the KL carries the teacher)
         ce_weight = 0.0 if inputs.get(ON_POLICY_KEY) else args.ce_weight
+        chunk = args.loss_chunk_size or auto_loss_chunk_size(labels.numel(), self._student_hidden_size,
+                                                             self._teacher_config.get_text_config().vocab_size)
         losses = dict(kd_weight=args.kd_weight, ce_weight=ce_weight, beta=args.beta,
-                      temperature=args.temperature, chunk_size=args.loss_chunk_size, workspace=self._loss_workspace)
-        if args.logit_loss_from == "hidden_states" and not return_outputs:
+                      temperature=args.temperature, chunk_size=chunk, workspace=self._loss_workspace)
+        if self._logit_loss_from == "hidden_states" and not return_outputs:
             with self._teacher_pass() as (teacher, teacher_acts):
                 t_hidden, t_head, t_cap = self._final_hidden_and_head(teacher, forward_inputs)
             with self._student_capture(model, teacher_acts) as student_acts:
@@ -416,6 +440,13 @@ class RedDistillationTrainer(RedSavingMixin, OnPolicyMixin, SFTTrainer):
                 self._metrics[mode]["on_policy"].append(float(bool(inputs.get(ON_POLICY_KEY))))
             self._total_train_tokens += int(gather(batch_token_count(inputs).reshape(1)).sum())
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+
+def _head_bias(hf_model: Any) -> torch.Tensor | None:
+    """The bias of a model's LM head (or of the layer a RED wrapper holds), None if it has none."""
+    head = hf_model.get_output_embeddings()
+    bias = getattr(head, "bias", None)
+    return bias if bias is not None else getattr(getattr(head, "base_layer", None), "bias", None)
 
 
 @torch.no_grad()
