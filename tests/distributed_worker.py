@@ -159,11 +159,13 @@ def main() -> None:
     if torch.distributed.is_initialized():  # what each rank would write on its card
         counts = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(counts, [config.calibration_num_texts, config.calibration_num_tokens])
-    checksums = [sorted((k, float(v.double().abs().sum())) for k, v in state.items())]
-    if torch.distributed.is_initialized():  # what each rank holds after the run (DDP keeps them equal)
-        checksums = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(checksums, sorted((k, float(v.double().abs().sum()))
-                                                              for k, v in state.items()))
+    checksums = None
+    if args.lmbda:  # what each rank holds after the run (DDP keeps the projections equal)
+        mine = sorted((k, float(v.double().abs().sum())) for k, v in state.items())
+        checksums = [mine]
+        if torch.distributed.is_initialized():
+            checksums = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(checksums, mine)
     if args.lmbda:
         with open(os.path.join(args.out, f"samples_rank{trainer.args.process_index}.json"), "w",
                   encoding="utf-8") as f:
