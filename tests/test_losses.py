@@ -111,10 +111,10 @@ def test_gradient_accumulation_from_hidden_states_1x8_equals_8x1(tmp_path, token
 
 
 @pytest.mark.parametrize("tokens, width, vocab, chunk", [
-    (4 * 512, 64, 152064, 64),  # tiny width, large vocabulary: the lower bound
+    (4 * 512, 64, 152064, 128),  # tiny width, large vocabulary: the lower bound
     (8 * 2048, 2048, 128256, 512),  # Llama-3 8B at half width: 261.6 tokens -> the next power of two
     (8 * 2048, 4096, 32000, 1024),  # more than the upper bound
-    (16, 8, 300, 64),
+    (16, 8, 300, 128),
 ])
 def test_automatic_chunk_is_tokens_times_width_over_vocab_as_a_bounded_power_of_two(tokens, width, vocab, chunk):
     from transformers_red.training.losses import auto_loss_chunk_size

@@ -109,7 +109,7 @@ class RedConfig(SFTConfig):
     loss_chunk_size: int | None = field(default=None, metadata={
         "help": "Tokens per chunk of the logit losses (bounds the float32 (chunk, V) temporaries). None (default): "
                 "chosen per batch from the vocabulary and the student width, about tokens x d_S / V (so a chunk's "
-                "logits are the size of the hidden states), a power of two in [64, 1024]."})
+                "logits are the size of the hidden states), a power of two in [128, 1024]."})
     disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the teacher and student."})
     keep_freed_cpu_memory: bool = field(default=False, metadata={
         "help": "When training on CPU with glibc, keep freed memory in the process instead of returning it to "

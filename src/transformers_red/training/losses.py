@@ -90,7 +90,7 @@ def logit_loss_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return total
 
 
-MIN_AUTO_CHUNK = 64  # below this the head matmuls of a chunk stop amortising the read of the (V, d) head
+MIN_AUTO_CHUNK = 128  # below this the head matmuls of a chunk stop amortising the reads of the (V, d) heads
 MAX_AUTO_CHUNK = 1024
 
 
