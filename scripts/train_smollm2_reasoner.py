@@ -11,7 +11,7 @@ tokenizer and `training_report.json` (recipe, recipe digest, weights digest, acc
 `<cache>/smollm2-reasoner/` in one rename, so a crash never leaves a folder that looks finished.
 
     python scripts/train_smollm2_reasoner.py                     # the teacher the benchmarks use (~1-2 h, 2 cores)
-    python scripts/train_smollm2_reasoner.py --steps 4 --eval-per-k 2 --output-dir /tmp/r   # a smoke run
+    python scripts/train_smollm2_reasoner.py --steps 4 --eval_per_k 2 --output_dir /tmp/r   # a smoke run
 
 Load it with `transformers_red.resources.load_smollm2_reasoner()`, or `--teacher smollm2-reasoner`.
 """
