@@ -68,12 +68,12 @@ import torch
 
 from ..adapter.architectures import CLONE_TERMS, find_in_layer, get_architecture, model_layout
 from ..adapter.config import RedAdapterConfig
-from .config import RedConfig
+from .config import CHOICES, RedConfig
 from .losses import auto_loss_chunk_size
 
 ENGINES = ("ddp", "fsdp", "zero2", "zero3")
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
-LOGIT_PATHS = ("auto", "logits", "hidden_states")
+LOGIT_PATHS = CHOICES["logit_loss_from"]
 # bytes per trainable parameter: fp32 weight, gradient, AdamW's two moments
 WEIGHT_BYTES, GRADIENT_BYTES, OPTIMIZER_BYTES = 4, 4, 8
 FP32 = 4

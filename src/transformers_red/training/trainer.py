@@ -364,9 +364,7 @@ class RedDistillationTrainer(RedSavingMixin, OnPolicyMixin, SFTTrainer):
         decoder's forward, then the head's weight (a RED head's student weight W_T @ P in the student pass)."""
         inner = self.accelerator.unwrap_model(model)
         hf_model = inner.base_model if isinstance(inner, RedModel) else inner
-        head = hf_model.get_output_embeddings()
-        if _head_bias(hf_model) is not None:
-            raise ValueError("logit_loss_from='hidden_states' needs an LM head without a bias; use 'logits'.")
+        head = hf_model.get_output_embeddings()  # no bias: _choose_logit_path refused this path for one
         softcap = getattr(hf_model.config, "final_logit_softcapping", None)
         if isinstance(inner, RedModel):  # through the DDP/FSDP/DeepSpeed wrapper, so its hooks run
             hidden, weight = model(**inputs, use_cache=False, red_hidden_and_head=True)
